@@ -1,0 +1,78 @@
+# servekit: turn bare GPU servers into verified vLLM endpoints.
+# `make help` lists the targets. Everything runs from this directory.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+INVENTORY ?= inventory/sandbox/hosts.yml
+ANSIBLE_ARGS ?=
+PYTEST_ARGS ?=
+VENV := .venv
+PY := $(VENV)/bin/python
+IS_SANDBOX := $(filter inventory/sandbox/%,$(INVENTORY))
+
+export ANSIBLE_CONFIG := $(CURDIR)/ansible/ansible.cfg
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv host-tools sandbox deploy verify probe test test-unit test-e2e lint destroy clean
+
+help: ## Show this list
+	@echo "servekit: make TARGET [INVENTORY=inventory/<site>/hosts.yml]"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@echo "==> creating the pinned Python environment in $(VENV)"
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+venv: $(VENV)/.installed ## Create the pinned Python environment (.venv)
+
+host-tools: ## Install what this machine needs (Docker engine, debootstrap, ssh) if missing
+	@bash scripts/ensure-docker.sh
+
+sandbox: venv host-tools ## Bring up the local sandbox host, registry and model mirror
+	$(PY) -m servekit sandbox up
+
+deploy: venv ## Converge INVENTORY (default: the local sandbox, brought up first)
+ifneq ($(IS_SANDBOX),)
+	@$(MAKE) --no-print-directory sandbox
+endif
+	ansible-playbook -i $(INVENTORY) ansible/playbooks/site.yml $(ANSIBLE_ARGS)
+
+verify: venv ## Prove every host of INVENTORY works: host checks, then request probes
+	@mkdir -p reports
+	@rc=0; \
+	echo "==> host checks (testinfra)"; \
+	pytest tests/infra --hosts='ansible://gpu_hosts' --ansible-inventory=$(INVENTORY) \
+	  -p no:cacheprovider -q --junitxml=reports/infra.junit.xml $(PYTEST_ARGS) || rc=1; \
+	echo "==> request probes"; \
+	$(PY) -m servekit probe --inventory $(INVENTORY) --report-dir reports || rc=1; \
+	exit $$rc
+
+probe: venv ## Probe any endpoint: make probe URL=http://host:8000 MODEL=Qwen3-8B [API_KEY=...]
+	$(PY) -m servekit probe --url $(URL) --model $(MODEL) $(if $(API_KEY),--api-key $(API_KEY))
+
+lint: venv ## ansible-lint (production profile), yamllint, ruff
+	yamllint -c .yamllint .
+	ansible-lint
+	ruff check src tests ansible
+	ruff format --check src tests ansible
+
+test-unit: venv ## Unit tests only (no Docker)
+	pytest tests/unit -q $(PYTEST_ARGS)
+
+test-e2e: venv host-tools ## Sandbox end to end: deploy, verify, re-deploy (changed=0), break, destroy
+	pytest tests/e2e -q $(PYTEST_ARGS)
+
+test: lint venv host-tools ## What CI runs: lint, unit tests, then the sandbox end to end
+	pytest tests/unit tests/e2e -q $(PYTEST_ARGS)
+
+destroy: venv ## Remove the sandbox (hosts, their volumes, registry, mirror)
+	$(PY) -m servekit sandbox down
+	rm -rf ansible/.facts
+
+clean: destroy ## Also remove the venv, caches and reports
+	rm -rf $(VENV) .cache reports

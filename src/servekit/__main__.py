@@ -1,0 +1,3 @@
+from servekit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""`servekit` command line: a thin layer over the library packages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from servekit.probe import probe_targets, run_probes
+    from servekit.probe.report import render_table, write_reports
+
+    if args.inventory:
+        from servekit.inventory import probe_targets as inventory_targets
+
+        runs = []
+        for t in inventory_targets(Path(args.inventory), args.group):
+            runs.extend(
+                probe_targets(
+                    [(t.host, args.url or t.url)],
+                    model=args.model or t.model,
+                    api_key=args.api_key or t.api_key,
+                    max_model_len=args.max_model_len or t.max_model_len,
+                    timeout=args.timeout,
+                    reasoning_parser=args.reasoning_parser or t.reasoning_parser,
+                )
+            )
+    else:
+        if not args.url or not args.model:
+            print("servekit probe: give --url and --model, or --inventory", file=sys.stderr)
+            return 2
+        runs = [
+            run_probes(
+                base_url=args.url,
+                model=args.model,
+                api_key=args.api_key,
+                max_model_len=args.max_model_len,
+                timeout=args.timeout,
+                target=args.url,
+                reasoning_parser=args.reasoning_parser,
+            )
+        ]
+    print(render_table(runs))
+    paths = write_reports(runs, Path(args.report_dir))
+    print("reports: " + ", ".join(str(p) for p in paths.values()))
+    return 0 if runs and all(r.ok for r in runs) else 1
+
+
+def _cmd_mirror_serve(args: argparse.Namespace) -> int:
+    from servekit.mirror.server import serve
+
+    serve(Path(args.root), host=args.host, port=args.port)
+    return 0
+
+
+def _cmd_mirror_fetch(args: argparse.Namespace) -> int:
+    from servekit.mirror.fetch import fetch
+
+    path = fetch(args.model_id, Path(args.dest), revision=args.revision, endpoint=args.endpoint)
+    print(path)
+    return 0
+
+
+def _cmd_testmodel(args: argparse.Namespace) -> int:
+    from servekit.testmodel import generate
+
+    print(generate(Path(args.dest), seed=args.seed))
+    return 0
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    from servekit.sandbox import manager
+
+    if args.action == "up":
+        manager.up(hosts=args.hosts)
+    elif args.action == "down":
+        manager.down()
+    else:
+        import json
+
+        print(json.dumps(manager.status(), indent=2))
+    return 0
+
+
+def _cmd_docker(args: argparse.Namespace) -> int:
+    from servekit.sandbox.engine import ensure_docker_engine
+
+    ensure_docker_engine()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="servekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("probe", help="probe a vLLM OpenAI-compatible endpoint")
+    p.add_argument("--url", help="base URL, e.g. http://10.0.0.5:8000")
+    p.add_argument("--model", help="served model name, e.g. Qwen3-8B")
+    p.add_argument("--api-key", help="API key (or rely on the inventory's vllm_service_api_key)")
+    p.add_argument("--max-model-len", type=int, help="expected max_model_len")
+    p.add_argument("--reasoning-parser", help="reasoning parser the server runs with")
+    p.add_argument("--inventory", help="probe every host of an Ansible inventory instead")
+    p.add_argument("--group", default="gpu_hosts", help="inventory group to probe")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--report-dir", default="reports", help="where JSON and JUnit reports go")
+    p.set_defaults(func=_cmd_probe)
+
+    m = sub.add_parser("mirror", help="ModelScope-compatible model mirror")
+    msub = m.add_subparsers(dest="mirror_command", required=True)
+    ms = msub.add_parser("serve", help="serve ROOT/<owner>/<name>/ over the ModelScope API")
+    ms.add_argument("root")
+    ms.add_argument("--host", default="127.0.0.1", help="bind address")
+    ms.add_argument("--port", type=int, default=8090)
+    ms.set_defaults(func=_cmd_mirror_serve)
+    mf = msub.add_parser("fetch", help="fill the mirror from upstream with the modelscope SDK")
+    mf.add_argument("model_id")
+    mf.add_argument("--dest", required=True, help="mirror root")
+    mf.add_argument("--revision")
+    mf.add_argument("--endpoint", help="upstream endpoint (default: the SDK's)")
+    mf.set_defaults(func=_cmd_mirror_fetch)
+
+    t = sub.add_parser("testmodel", help="write a tiny random-weight Qwen3 model")
+    t.add_argument("dest")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_cmd_testmodel)
+
+    s = sub.add_parser("sandbox", help="local sandbox GPU hosts (containers with systemd)")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--hosts", type=int, default=1)
+    s.set_defaults(func=_cmd_sandbox)
+
+    d = sub.add_parser("docker-engine", help="make sure a Docker engine runs on this machine")
+    d.set_defaults(func=_cmd_docker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
