@@ -43,14 +43,7 @@ endif
 	ansible-playbook -i $(INVENTORY) ansible/playbooks/site.yml $(ANSIBLE_ARGS)
 
 verify: venv ## Prove every host of INVENTORY works: host checks, then request probes
-	@mkdir -p reports
-	@rc=0; \
-	echo "==> host checks (testinfra)"; \
-	pytest tests/infra --hosts='ansible://gpu_hosts' --ansible-inventory=$(INVENTORY) \
-	  -p no:cacheprovider -q --junitxml=reports/infra.junit.xml $(PYTEST_ARGS) || rc=1; \
-	echo "==> request probes"; \
-	$(PY) -m servekit probe --inventory $(INVENTORY) --report-dir reports || rc=1; \
-	exit $$rc
+	$(PY) -m servekit verify --inventory $(INVENTORY) --report-dir reports
 
 probe: venv ## Probe any endpoint: make probe URL=http://host:8000 MODEL=Qwen3-8B [API_KEY=...]
 	$(PY) -m servekit probe --url $(URL) --model $(MODEL) $(if $(API_KEY),--api-key $(API_KEY))

@@ -47,6 +47,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0 if runs and all(r.ok for r in runs) else 1
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from servekit.verify import run_verify
+
+    return 0 if run_verify(Path(args.inventory), Path(args.report_dir), args.group).ok else 1
+
+
 def _cmd_mirror_serve(args: argparse.Namespace) -> int:
     from servekit.mirror.server import serve
 
@@ -105,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--report-dir", default="reports", help="where JSON and JUnit reports go")
     p.set_defaults(func=_cmd_probe)
+
+    v = sub.add_parser("verify", help="host checks and request probes over an inventory")
+    v.add_argument("--inventory", required=True)
+    v.add_argument("--group", default="gpu_hosts")
+    v.add_argument("--report-dir", default="reports")
+    v.set_defaults(func=_cmd_verify)
 
     m = sub.add_parser("mirror", help="ModelScope-compatible model mirror")
     msub = m.add_subparsers(dest="mirror_command", required=True)
