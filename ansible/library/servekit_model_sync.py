@@ -19,10 +19,15 @@ options:
   revision: {type: str, default: master, description: Revision to download.}
   endpoint: {type: str, required: true, description: ModelScope API endpoint.}
   root: {type: path, required: true, description: Directory holding all models.}
-  verify: {type: str, default: quick, choices: [quick, deep], description: How to check an existing copy.}
+  verify:
+    {type: str, default: quick, choices: [quick, deep], description: How to check an existing copy.}
   max_workers: {type: int, default: 4, description: Parallel file downloads.}
-  keep_versions: {type: int, default: 2, description: Versions kept on disk, the current one included.}
-  space_margin: {type: float, default: 0.05, description: Extra free space required, as a share of the model size.}
+  keep_versions:
+    {type: int, default: 2, description: Versions kept on disk, the current one included.}
+  space_margin:
+    type: float
+    default: 0.05
+    description: Extra free space required, as a share of the model size.
 author: servekit
 """
 
@@ -43,7 +48,7 @@ MANIFEST = ".servekit-manifest.json"
 def list_files(endpoint, model_id, revision):
     query = urllib.parse.urlencode({"Revision": revision, "Recursive": "True"})
     url = f"{endpoint.rstrip('/')}/api/v1/models/{model_id}/repo/files?{query}"
-    with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 - URL is the configured endpoint
+    with urllib.request.urlopen(url, timeout=60) as resp:
         body = json.load(resp)
     data = body.get("Data") or {}
     files = data.get("Files", []) if isinstance(data, dict) else data
@@ -99,9 +104,11 @@ def deep_check(directory, listing):
     bad = []
     for path, want in listing.items():
         full = os.path.join(directory, path)
-        if not os.path.isfile(full) or os.path.getsize(full) != want["size"]:
-            bad.append(path)
-        elif sha256_of(full) != want["sha256"]:
+        if (
+            not os.path.isfile(full)
+            or os.path.getsize(full) != want["size"]
+            or sha256_of(full) != want["sha256"]
+        ):
             bad.append(path)
     return bad
 
@@ -189,12 +196,19 @@ def run(module):
         listing = list_files(p["endpoint"], p["model_id"], p["revision"])
     except Exception as exc:  # network, HTTP and JSON errors alike
         if os.path.isdir(target) and not quick_check(target, read_listing_from_manifest(target)):
-            module.warn(f"cannot list {p['model_id']} at {p['endpoint']} ({exc}); keeping the verified local copy")
+            module.warn(
+                f"cannot list {p['model_id']} at {p['endpoint']} ({exc}); "
+                "keeping the verified local copy"
+            )
             result["files"] = len(read_listing_from_manifest(target))
             return result
-        module.fail_json(msg=f"cannot list model {p['model_id']}@{p['revision']} at {p['endpoint']}: {exc}")
+        module.fail_json(
+            msg=f"cannot list model {p['model_id']}@{p['revision']} at {p['endpoint']}: {exc}"
+        )
     if not listing:
-        module.fail_json(msg=f"model {p['model_id']}@{p['revision']} at {p['endpoint']} lists no files")
+        module.fail_json(
+            msg=f"model {p['model_id']}@{p['revision']} at {p['endpoint']} lists no files"
+        )
     result["files"] = len(listing)
     result["bytes"] = sum(f["size"] for f in listing.values())
 
@@ -254,7 +268,8 @@ def run(module):
     bad = deep_check(staging, listing)
     if bad:
         module.fail_json(
-            msg=f"downloaded files do not match the listing's SHA-256: {bad}. The served model is untouched.",
+            msg=f"downloaded files do not match the listing's SHA-256: {bad}. "
+            "The served model is untouched.",
             staging=staging,
         )
     write_manifest(staging, listing, p)
@@ -278,7 +293,9 @@ def run(module):
 
 def read_listing_from_manifest(directory):
     manifest = read_manifest(directory) or {}
-    return {k: {"size": v["size"], "sha256": v["sha256"]} for k, v in manifest.get("files", {}).items()}
+    return {
+        k: {"size": v["size"], "sha256": v["sha256"]} for k, v in manifest.get("files", {}).items()
+    }
 
 
 def write_manifest_if_stale(directory, listing, p):

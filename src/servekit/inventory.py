@@ -22,7 +22,11 @@ class ProbeTarget:
 
 def _ansible_inventory() -> str:
     beside = Path(sys.executable).with_name("ansible-inventory")
-    return str(beside) if beside.exists() else (shutil.which("ansible-inventory") or "ansible-inventory")
+    return (
+        str(beside)
+        if beside.exists()
+        else (shutil.which("ansible-inventory") or "ansible-inventory")
+    )
 
 
 def load_hostvars(inventory: Path, group: str = "gpu_hosts") -> dict[str, dict]:

@@ -71,7 +71,9 @@ def run_verify(inventory: Path, report_dir: Path, group: str = "gpu_hosts") -> V
     runs = run_request_probes(inventory, report_dir, group)
     result = VerifyResult(rc, runs)
     verdict = "PASSED" if result.ok else "FAILED"
-    print(f"==> verify {verdict}: host checks {'ok' if rc == 0 else 'failed'}, "
-          f"request probes {'ok' if runs and all(r.ok for r in runs) else 'failed'}; "
-          f"reports in {report_dir}/")
+    print(
+        f"==> verify {verdict}: host checks {'ok' if rc == 0 else 'failed'}, "
+        f"request probes {'ok' if runs and all(r.ok for r in runs) else 'failed'}; "
+        f"reports in {report_dir}/"
+    )
     return result

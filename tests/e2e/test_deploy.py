@@ -26,7 +26,9 @@ HOST_CONTAINER = "servekit-sandbox-1"
 
 def ansible_playbook(log_name: str) -> str:
     """Runs site.yml on the sandbox like `make deploy` does; returns the output."""
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible" / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    env = dict(
+        os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible" / "ansible.cfg"), ANSIBLE_NOCOLOR="1"
+    )
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     log = ROOT / "reports" / f"{log_name}.log"
@@ -84,7 +86,9 @@ def test_first_deploy_converges(deployment):
 def test_models_route_lists_the_served_name(deployment):
     out = subprocess.run(
         ["curl", "--silent", "--show-error", "--fail", f"{BASE_URL}/v1/models"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     ids = [m["id"] for m in json.loads(out)["data"]]
     assert ids == ["Qwen3-8B"]
@@ -93,14 +97,27 @@ def test_models_route_lists_the_served_name(deployment):
 def test_chat_completion_as_in_the_tutorial(deployment):
     body = {
         "model": "Qwen3-8B",
-        "messages": [{"role": "user", "content": "你好，介绍一下你自己"}],
+        "messages": [{"role": "user", "content": "你好，介绍一下你自己"}],  # noqa: RUF001 - the tutorial's Chinese prompt
         "max_tokens": 200,
     }
     proc = subprocess.run(
-        ["curl", "--silent", "--show-error", "--write-out", "\n%{http_code}", "-X", "POST",
-         f"{BASE_URL}/v1/chat/completions", "-H", "Content-Type: application/json",
-         "-d", json.dumps(body, ensure_ascii=False)],
-        capture_output=True, text=True, check=True,
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--write-out",
+            "\n%{http_code}",
+            "-X",
+            "POST",
+            f"{BASE_URL}/v1/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps(body, ensure_ascii=False),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     payload, status = proc.stdout.rsplit("\n", 1)
     assert status == "200", payload

@@ -6,7 +6,13 @@ import json
 
 from conftest import journal
 
-SUPPORTED = {("debian", "12"), ("ubuntu", "22.04"), ("ubuntu", "24.04"), ("rocky", "9"), ("rhel", "9")}
+SUPPORTED = {
+    ("debian", "12"),
+    ("ubuntu", "22.04"),
+    ("ubuntu", "24.04"),
+    ("rocky", "9"),
+    ("rhel", "9"),
+}
 
 
 def test_os_is_supported(host):
@@ -24,7 +30,9 @@ def test_docker_is_active_and_enabled(host):
 
 def test_vllm_service_is_active_and_enabled(host):
     vllm = host.service("vllm")
-    state = host.run("systemctl show vllm --property=ActiveState,SubState,Result --value").stdout.split()
+    state = host.run(
+        "systemctl show vllm --property=ActiveState,SubState,Result --value"
+    ).stdout.split()
     assert vllm.is_running, f"vllm.service is {state}; journal:\n{journal(host, 'vllm')}"
     assert vllm.is_enabled, "vllm.service is not enabled: it would not come back after a reboot"
 
@@ -69,7 +77,8 @@ def test_container_runs_with_the_documented_flags(host, vllm_container):
     assert vllm_container is not None, "no container named vllm is running"
     hc = vllm_container["HostConfig"]
     assert hc["IpcMode"] == "host" or hc.get("ShmSize", 0) >= 1 << 30, (
-        f"IpcMode={hc['IpcMode']} ShmSize={hc.get('ShmSize')}: vLLM needs --ipc=host or a big --shm-size"
+        f"IpcMode={hc['IpcMode']} ShmSize={hc.get('ShmSize')}: "
+        "vLLM needs --ipc=host or a big --shm-size"
     )
     assert "no-new-privileges" in (hc.get("SecurityOpt") or [])
     model_mounts = [m for m in vllm_container["Mounts"] if m["Destination"].startswith("/models/")]
