@@ -31,7 +31,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 venv: $(VENV)/.installed ## Create the pinned Python environment (.venv)
 
 host-tools: ## Install what this machine needs (Docker engine, debootstrap, ssh) if missing
-	@bash scripts/ensure-docker.sh
+	@sh scripts/ensure-host-tools.sh
 
 sandbox: venv host-tools ## Bring up the local sandbox host, registry and model mirror
 	$(PY) -m servekit sandbox up
