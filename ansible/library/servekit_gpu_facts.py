@@ -8,8 +8,9 @@ DOCUMENTATION = r"""
 module: servekit_gpu_facts
 short_description: Detect NVIDIA GPUs and NVSwitches from PCI data
 description:
-  - Reads C(lspci -nn -D) when lspci is installed, else C(/sys/bus/pci/devices/*/{vendor,device,class}),
-    or parses a recorded C(lspci -nn) output instead of probing the host.
+  - Reads C(lspci -nn -D) when lspci is installed, else the C(vendor), C(device) and C(class)
+    files under C(/sys/bus/pci/devices), or parses a recorded C(lspci -nn) output instead of
+    probing the host.
   - Works before any NVIDIA driver is installed. Never changes the host; supports check mode.
   - Sets the C(servekit_gpu) fact with the GPU count, models, PCI ids, architectures, NVSwitch
     count, whether Fabric Manager is required and which kernel module flavour (open or
@@ -98,6 +99,7 @@ ansible_facts:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ansible.module_utils.servekit_gpu import GpuDetectionError, detect
 
 

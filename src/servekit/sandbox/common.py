@@ -63,7 +63,8 @@ def docker_client(timeout: int = DOCKER_TIMEOUT_S):
         client.ping()
     except DockerException as exc:
         raise SandboxError(
-            f"the Docker engine is not reachable ({exc}); start it with scripts/ensure-host-tools.sh"
+            f"the Docker engine is not reachable ({exc}); "
+            "start it with scripts/ensure-host-tools.sh"
         ) from exc
     return client
 
