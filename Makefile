@@ -63,9 +63,10 @@ test-e2e: venv host-tools ## Sandbox end to end: deploy, verify, re-deploy (chan
 test: lint venv host-tools ## What CI runs: lint, unit tests, then the sandbox end to end
 	pytest tests/unit tests/e2e -q $(PYTEST_ARGS)
 
-destroy: venv ## Remove the sandbox (hosts, their volumes, registry, mirror)
+destroy: venv ## Remove the sandbox (hosts, their volumes, registry, mirror; the image caches stay)
 	$(PY) -m servekit sandbox down
 	rm -rf ansible/.facts
 
-clean: destroy ## Also remove the venv, caches and reports
-	rm -rf $(VENV) .cache reports
+clean: venv ## Also remove the registry cache, the venv, caches and reports
+	$(PY) -m servekit sandbox down --purge
+	rm -rf ansible/.facts $(VENV) .cache reports

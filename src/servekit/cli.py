@@ -81,7 +81,7 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     if args.action == "up":
         manager.up(hosts=args.hosts)
     elif args.action == "down":
-        manager.down()
+        manager.down(purge=args.purge)
     else:
         import json
 
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sandbox", help="local sandbox GPU hosts (containers with systemd)")
     s.add_argument("action", choices=["up", "down", "status"])
     s.add_argument("--hosts", type=int, default=1)
+    s.add_argument("--purge", action="store_true", help="down: also drop the registry cache")
     s.set_defaults(func=_cmd_sandbox)
 
     d = sub.add_parser("docker-engine", help="make sure a Docker engine runs on this machine")

@@ -50,7 +50,7 @@ def ansible_playbook(log_name: str) -> str:
 def recap(output: str) -> dict[str, dict[str, int]]:
     hosts = {}
     for line in output.split("PLAY RECAP", 1)[1].splitlines():
-        m = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
+        m = re.match(r"^(\S+)\s+:\s+(ok=\d+.*)$", line.strip())
         if m:
             hosts[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
     return hosts

@@ -116,8 +116,14 @@ def test_down_removes_everything(sandbox: SandboxState):
     assert client.containers.list(all=True, filters={"label": "servekit.role=sandbox-host"}) == []
     assert [c.name for c in client.containers.list(all=True)].count(REGISTRY_CONTAINER) == 0
     volumes = {v.name for v in client.volumes.list()}
-    assert host_volume(1) not in volumes and REGISTRY_VOLUME not in volumes
+    assert host_volume(1) not in volumes
+    assert REGISTRY_VOLUME in volumes, "the registry cache survives a plain down"
     st = status()
     assert st["hosts"] == [] and st["mirror"]["pid"] is None and not st["up"]
     assert not _Paths().state.exists()
     down()  # idempotent
+
+
+def test_purge_also_drops_the_registry_cache():
+    down(purge=True)
+    assert REGISTRY_VOLUME not in {v.name for v in docker_client().volumes.list()}

@@ -723,8 +723,12 @@ def _sandbox_containers(client, role: str) -> list:
     return client.containers.list(all=True, filters={"label": f"{ROLE_LABEL}={role}"})
 
 
-def _remove_container(client, container, progress: Progress) -> None:
-    volumes = [m["Name"] for m in container.attrs.get("Mounts", []) if m.get("Type") == "volume"]
+def _remove_container(client, container, progress: Progress, keep: frozenset = frozenset()) -> None:
+    volumes = [
+        m["Name"]
+        for m in container.attrs.get("Mounts", [])
+        if m.get("Type") == "volume" and m["Name"] not in keep
+    ]
     if container.status == "running":
         with contextlib.suppress(Exception):
             container.stop(timeout=30)
@@ -756,8 +760,12 @@ def _remove_extra_hosts(client, keep: int, progress: Progress) -> None:
 # --- down ----------------------------------------------------------------------------------
 
 
-def down(*, progress: Progress = print) -> None:
-    """Remove every sandbox host, the registry, their volumes, and stop the mirror."""
+def down(*, purge: bool = False, progress: Progress = print) -> None:
+    """Remove every sandbox host, the registry, their volumes, and stop the mirror.
+
+    The registry's storage is a cache of the built vLLM image (like the images themselves)
+    and is kept, so the next `up` skips the push; ``purge`` removes it too.
+    """
     paths = _Paths()
     start = time.monotonic()
     with _locked(paths):
@@ -768,11 +776,14 @@ def down(*, progress: Progress = print) -> None:
         named = _get_container(client, REGISTRY_CONTAINER)
         if named is not None and named.id not in {c.id for c in registries}:
             registries.append(named)
+        keep = frozenset() if purge else frozenset({REGISTRY_VOLUME})
         for container in registries:
-            _remove_container(client, container, progress)
+            _remove_container(client, container, progress, keep)
         for volume in client.volumes.list(filters={"label": VOLUME_LABEL}):
-            volume.remove(force=True)
-        _remove_volume(client, REGISTRY_VOLUME)
+            if volume.name != REGISTRY_VOLUME or purge:
+                volume.remove(force=True)
+        if purge:
+            _remove_volume(client, REGISTRY_VOLUME)
         _stop_mirror(paths, progress)
         for path in (paths.state, paths.vllm_image, paths.known_hosts):
             path.unlink(missing_ok=True)
