@@ -24,8 +24,8 @@ BASE_URL = "http://localhost:8000"
 HOST_CONTAINER = "servekit-sandbox-1"
 
 
-def ansible_playbook(log_name: str) -> str:
-    """Runs site.yml on the sandbox like `make deploy` does; returns the output."""
+def ansible_playbook(log_name: str, playbook: str = "site.yml", *extra: str) -> str:
+    """Runs a playbook on the sandbox like `make deploy` does; returns the output."""
     env = dict(
         os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible" / "ansible.cfg"), ANSIBLE_NOCOLOR="1"
     )
@@ -35,7 +35,13 @@ def ansible_playbook(log_name: str) -> str:
     log.parent.mkdir(exist_ok=True)
     with log.open("w") as fh:
         proc = subprocess.run(
-            [f"{bindir}/ansible-playbook", "-i", str(INVENTORY), "ansible/playbooks/site.yml"],
+            [
+                f"{bindir}/ansible-playbook",
+                "-i",
+                str(INVENTORY),
+                f"ansible/playbooks/{playbook}",
+                *extra,
+            ],
             cwd=ROOT,
             env=env,
             stdout=fh,
@@ -158,6 +164,29 @@ def test_second_deploy_changes_nothing_and_keeps_vllm_running(deployment):
     hosts = recap(ansible_playbook("deploy-2"))
     assert hosts["sandbox-1"]["changed"] == 0, f"second deploy changed things: {hosts}"
     assert vllm_identity() == before, "the second deploy restarted vLLM"
+
+
+def test_gpu_plan_for_a_recorded_h100_system_changes_nothing(deployment):
+    profile = ROOT / "tests" / "fixtures" / "gpu" / "h100_sxm_hgx_nvswitch.lspci"
+    output = ansible_playbook(
+        "gpu-plan",
+        "gpu_plan.yml",
+        "--check",
+        "-e",
+        "servekit_accelerator=gpu",
+        "-e",
+        f"servekit_gpu_profile={profile}",
+    )
+    assert "8 x H100" in output or "H100" in output
+    assert "kernel modules open" in output
+    assert "nvidia-fabricmanager" in output
+    assert "nvidia-container-toolkit" in output
+    # Check mode: nothing of the plan exists on the host afterwards.
+    leftovers = on_host(
+        "sh", "-c", "ls /etc/apt/sources.list.d/ /etc/modprobe.d/; dpkg -l | grep -i nvidia || true"
+    ).stdout
+    assert "nvidia" not in leftovers.lower(), leftovers
+    assert vllm_identity()[0], "the plan must not disturb the running server"
 
 
 def test_verify_fails_once_the_service_is_stopped(deployment, tmp_path):
