@@ -15,7 +15,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible/ansible.cfg
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv host-tools sandbox deploy verify probe test test-unit test-e2e lint destroy clean
+.PHONY: help venv host-tools sandbox deploy verify probe test test-unit test-e2e test-faults lint destroy clean
 
 help: ## Show this list
 	@echo "servekit: make TARGET [INVENTORY=inventory/<site>/hosts.yml]"
@@ -58,7 +58,10 @@ test-unit: venv ## Unit tests only (no Docker)
 	pytest tests/unit -q $(PYTEST_ARGS)
 
 test-e2e: venv host-tools ## Sandbox end to end: deploy, verify, re-deploy (changed=0), break, destroy
-	pytest tests/e2e -q $(PYTEST_ARGS)
+	pytest tests/e2e -q --ignore tests/e2e/test_faults.py $(PYTEST_ARGS)
+
+test-faults: venv host-tools ## Fault suite on the sandbox: kill, freeze, crash loop, reboot, load, key; prints the fault table
+	pytest tests/e2e/test_faults.py -q $(PYTEST_ARGS)
 
 test: lint venv host-tools ## What CI runs: lint, unit tests, then the sandbox end to end
 	pytest tests/unit tests/e2e -q $(PYTEST_ARGS)

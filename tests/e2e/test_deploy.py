@@ -4,83 +4,23 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import requests
+from sandbox_helpers import (
+    BASE_URL,
+    INVENTORY,
+    ROOT,
+    ansible_playbook,
+    on_host,
+    recap,
+    vllm_identity,
+)
 
-from servekit.sandbox import manager
 from servekit.verify import run_verify
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
-INVENTORY = ROOT / "inventory" / "sandbox" / "hosts.yml"
-BASE_URL = "http://localhost:8000"
-HOST_CONTAINER = "servekit-sandbox-1"
-
-
-def ansible_playbook(log_name: str, playbook: str = "site.yml", *extra: str) -> str:
-    """Runs a playbook on the sandbox like `make deploy` does; returns the output."""
-    env = dict(
-        os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible" / "ansible.cfg"), ANSIBLE_NOCOLOR="1"
-    )
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    log = ROOT / "reports" / f"{log_name}.log"
-    log.parent.mkdir(exist_ok=True)
-    with log.open("w") as fh:
-        proc = subprocess.run(
-            [
-                f"{bindir}/ansible-playbook",
-                "-i",
-                str(INVENTORY),
-                f"ansible/playbooks/{playbook}",
-                *extra,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    output = log.read_text()
-    assert proc.returncode == 0, f"ansible-playbook failed (log {log}):\n{output[-6000:]}"
-    return output
-
-
-def recap(output: str) -> dict[str, dict[str, int]]:
-    hosts = {}
-    for line in output.split("PLAY RECAP", 1)[1].splitlines():
-        m = re.match(r"^(\S+)\s+:\s+(ok=\d+.*)$", line.strip())
-        if m:
-            hosts[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
-    return hosts
-
-
-def on_host(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["docker", "exec", HOST_CONTAINER, *args], capture_output=True, text=True, check=False
-    )
-
-
-def vllm_identity() -> tuple[str, str]:
-    """(systemd invocation id, container id): both change on any restart."""
-    invocation = on_host("systemctl", "show", "vllm", "--property=InvocationID", "--value").stdout
-    container = on_host("docker", "inspect", "--format", "{{.Id}}", "vllm").stdout
-    return invocation.strip(), container.strip()
-
-
-@pytest.fixture(scope="module")
-def deployment():
-    manager.up()
-    output = ansible_playbook("deploy-1")
-    yield output
-    manager.down()
 
 
 def test_first_deploy_converges(deployment):
@@ -196,3 +136,5 @@ def test_verify_fails_once_the_service_is_stopped(deployment, tmp_path):
     assert result.host_checks_rc != 0
     health = [r for run in result.runs for r in run.results if r.name == "health"]
     assert health and not health[0].ok
+    # Leave the deployment serving for the modules that follow.
+    assert on_host("systemctl", "start", "vllm").returncode == 0

@@ -1,0 +1,42 @@
+"""One sandbox deployment shared by the end-to-end modules (deploy, faults), made once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sandbox_helpers import ROOT, ansible_playbook
+
+from servekit.sandbox import manager
+
+FAULTS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def deployment():
+    manager.up()
+    output = ansible_playbook("deploy-1")
+    yield output
+    manager.down()
+
+
+@pytest.fixture(scope="session")
+def fault_table():
+    """Rows of the fault table: fault, detected after, healthy again after, data lost."""
+    return FAULTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULTS:
+        return
+    report = ROOT / "reports" / "faults.json"
+    report.parent.mkdir(exist_ok=True)
+    report.write_text(json.dumps(FAULTS, indent=2))
+    tr = terminalreporter
+    tr.section("fault table")
+    tr.write_line(f"{'fault':<44} {'detected after':>15} {'healthy again after':>20}  data lost")
+    for row in FAULTS:
+        detected = "-" if row["detected_s"] is None else f"{row['detected_s']:.1f} s"
+        healthy = "-" if row["healthy_s"] is None else f"{row['healthy_s']:.1f} s"
+        tr.write_line(f"{row['fault']:<44} {detected:>15} {healthy:>20}  {row['data_lost']}")
+    tr.write_line(f"(also in {report})")

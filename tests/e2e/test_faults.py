@@ -1,0 +1,227 @@
+"""Faults the deployed service must survive on its own (`make test-faults`).
+
+Each test breaks the running sandbox deployment, measures how long until the break is
+detected and until /health answers again, and adds a row to the fault table printed at
+the end of the run (and written to reports/faults.json).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import statistics
+import subprocess
+import time
+
+import pytest
+import requests
+from sandbox_helpers import (
+    BASE_URL,
+    HOST_CONTAINER,
+    INVENTORY,
+    ansible_playbook,
+    healthy,
+    on_host,
+    recap,
+    vllm_identity,
+    wait_for,
+)
+
+from servekit.probe import run_probes
+from servekit.verify import run_verify
+
+pytestmark = pytest.mark.e2e
+
+# The role's defaults (ansible/roles/vllm_service/defaults/main.yml).
+HEALTH_INTERVAL_S, HEALTH_TIMEOUT_S, HEALTH_FAILURES = 15, 5, 3
+START_BUDGET_S = 600
+API_KEY = "sk-servekit-fault-suite-7d41c0"
+
+
+def record(table, fault, injected_at, detected_at, healthy_at, data_lost="none"):
+    table.append(
+        {
+            "fault": fault,
+            "detected_s": None if detected_at is None else round(detected_at - injected_at, 1),
+            "healthy_s": None if healthy_at is None else round(healthy_at - injected_at, 1),
+            "data_lost": data_lost,
+        }
+    )
+
+
+def model_manifest() -> dict:
+    out = on_host("sh", "-c", "cat /opt/models/Qwen/Qwen3-8B/current/.servekit-manifest.json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["files"]
+
+
+def unit_property(name: str) -> str:
+    return on_host("systemctl", "show", "vllm", f"--property={name}", "--value").stdout.strip()
+
+
+@pytest.fixture
+def serving(deployment):
+    """Each fault starts from a healthy server and must leave one."""
+    wait_for(healthy, "healthy before the fault", START_BUDGET_S)
+    files = model_manifest()
+    yield files
+    wait_for(healthy, "healthy after the fault", START_BUDGET_S)
+    assert model_manifest() == files, "the model changed during a fault"
+
+
+def test_container_sigkill_is_restarted_by_systemd(serving, fault_table):
+    before = vllm_identity()
+    t0 = time.monotonic()
+    assert on_host("docker", "kill", "--signal", "KILL", "vllm").returncode == 0
+    wait_for(lambda: not healthy(), "/health fails after SIGKILL", 30, 0.1)
+    detected = time.monotonic()
+    wait_for(healthy, "healthy again after SIGKILL", START_BUDGET_S)
+    record(fault_table, "container killed (SIGKILL)", t0, detected, time.monotonic())
+    assert vllm_identity()[1] != before[1], "a new container serves"
+
+
+def test_frozen_server_is_restarted_by_the_health_timer(serving, fault_table):
+    before = vllm_identity()
+    pid = on_host("docker", "inspect", "--format", "{{.State.Pid}}", "vllm").stdout.strip()
+    t0 = time.monotonic()
+    assert on_host("kill", "-STOP", pid).returncode == 0
+    # Port open, no answers: only the timer can notice.
+    window = HEALTH_INTERVAL_S * (HEALTH_FAILURES + 1) + HEALTH_TIMEOUT_S * HEALTH_FAILURES
+    wait_for(
+        lambda: vllm_identity()[0] != before[0], "timer restarts the frozen server", window + 30
+    )
+    detected = time.monotonic()
+    wait_for(healthy, "healthy again after the freeze", START_BUDGET_S)
+    record(fault_table, "server frozen (SIGSTOP), port open", t0, detected, time.monotonic())
+    journal = on_host("journalctl", "-u", "vllm-health.service", "--no-pager").stdout
+    assert "restarting vllm.service" in journal
+    assert detected - t0 <= window + 30
+
+
+def test_engine_death_inside_the_server_is_restarted(serving, fault_table):
+    before = vllm_identity()
+    kill_all_but_pid1 = (
+        "import os, signal\n"
+        "for p in os.listdir('/proc'):\n"
+        "    if p.isdigit() and int(p) not in (1, os.getpid()):\n"
+        "        try: os.kill(int(p), signal.SIGKILL)\n"
+        "        except OSError: pass\n"
+    )
+    t0 = time.monotonic()
+    result = on_host("docker", "exec", "vllm", "/opt/venv/bin/python", "-c", kill_all_but_pid1)
+    assert result.returncode in (0, 137), result.stderr
+    wait_for(lambda: not healthy(), "/health fails once the engine is gone", 120, 0.2)
+    detected = time.monotonic()
+    wait_for(healthy, "healthy again after the engine died", START_BUDGET_S)
+    record(fault_table, "engine process died inside the server", t0, detected, time.monotonic())
+    assert vllm_identity() != before
+
+
+def test_docker_restart_brings_vllm_back(serving, fault_table):
+    t0 = time.monotonic()
+    assert on_host("systemctl", "restart", "docker").returncode == 0
+    detected = time.monotonic() if not healthy() else None
+    wait_for(healthy, "healthy again after a Docker restart", START_BUDGET_S)
+    record(fault_table, "Docker daemon restarted", t0, detected or t0, time.monotonic())
+    assert unit_property("ActiveState") == "active"
+
+
+def test_host_reboot_brings_everything_back(serving, fault_table):
+    t0 = time.monotonic()
+    subprocess.run(["docker", "restart", HOST_CONTAINER], check=True, capture_output=True)
+    wait_for(healthy, "healthy again after a host reboot", START_BUDGET_S)
+    record(fault_table, "host rebooted", t0, t0, time.monotonic())
+    for unit in ("docker", "vllm", "vllm-health.timer"):
+        assert on_host("systemctl", "is-active", unit).stdout.strip() == "active", unit
+        assert on_host("systemctl", "is-enabled", unit).stdout.strip() == "enabled", unit
+
+
+def test_crash_loop_stops_at_the_start_limit_and_verify_says_why(serving, fault_table, capfd):
+    t0 = time.monotonic()
+    bad = json.dumps({"vllm_service_extra_args": ["--no-such-flag"]})
+    ansible_playbook("deploy-bad-flag", "site.yml", "-e", bad, expect_ok=False)
+    wait_for(
+        lambda: unit_property("Result") == "start-limit-hit",
+        "systemd stops restarting a crash loop",
+        START_BUDGET_S,
+        1.0,
+    )
+    detected = time.monotonic()
+    assert unit_property("ActiveState") == "failed"
+    capfd.readouterr()
+    result = run_verify(INVENTORY, serving_reports())
+    out = capfd.readouterr().out
+    assert not result.ok
+    assert "no-such-flag" in out, "verify must show why the server does not start"
+    restarts = int(unit_property("NRestarts"))
+    # Recover with the good flags: the start limit is reset by the deploy.
+    ansible_playbook("deploy-after-crash-loop")
+    record(fault_table, "crash loop (bad flag), then fixed", t0, detected, time.monotonic())
+    assert restarts <= 5
+
+
+def test_bounded_load_has_no_errors(serving, fault_table):
+    body = {
+        "model": "Qwen3-8B",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 16,
+    }
+
+    def one(_):
+        start = time.monotonic()
+        try:
+            status = requests.post(f"{BASE_URL}/v1/chat/completions", json=body, timeout=120)
+            return status.status_code, time.monotonic() - start
+        except requests.RequestException as exc:
+            return type(exc).__name__, time.monotonic() - start
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=64) as pool:
+        results = list(pool.map(one, range(256)))
+    errors = [code for code, _ in results if code != 200]
+    latencies = sorted(seconds for _, seconds in results)
+    p50 = statistics.median(latencies)
+    p95 = latencies[int(len(latencies) * 0.95) - 1]
+    fault_table.append(
+        {
+            "fault": f"load: 256 chats, 64 concurrent (p50 {p50:.2f} s, p95 {p95:.2f} s)",
+            "detected_s": None,
+            "healthy_s": None,
+            "data_lost": f"{len(errors)} failed",
+        }
+    )
+    assert errors == [], f"{len(errors)} of 256 requests failed: {errors[:5]}"
+
+
+def test_api_key_and_loopback_bind_are_enforced_and_the_key_never_leaks(serving):
+    extra = json.dumps({"vllm_service_api_key": API_KEY, "vllm_service_bind_address": "127.0.0.1"})
+    output = ansible_playbook("deploy-with-key", "site.yml", "-e", extra)
+    try:
+        assert API_KEY not in output, "the key appeared in Ansible's output"
+        # Bound to the host's loopback: unreachable from outside the host.
+        with pytest.raises(requests.RequestException):
+            requests.get(f"{BASE_URL}/v1/models", timeout=5)
+        inside = "http://127.0.0.1:8000/v1/models"
+        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"]
+        assert on_host(*curl, inside).stdout == "401"
+        assert on_host(*curl, "-H", f"Authorization: Bearer {API_KEY}", inside).stdout == "200"
+        assert on_host(*curl, "-H", "Authorization: Bearer wrong", inside).stdout == "401"
+        for probe in (
+            ["ps", "-eo", "args"],
+            ["systemctl", "show", "vllm"],
+            ["docker", "inspect", "--format", "{{json .Args}} {{json .Path}}", "vllm"],
+            ["journalctl", "-u", "vllm", "--no-pager"],
+        ):
+            assert API_KEY not in on_host(*probe).stdout, f"the key leaks through {probe[0]}"
+        env_file = on_host("stat", "-c", "%a %U", "/etc/vllm/vllm.env").stdout.split()
+        assert env_file == ["600", "root"]
+    finally:
+        restored = ansible_playbook("deploy-restore-defaults")
+    assert recap(restored)["sandbox-1"]["changed"] > 0
+    run = run_probes(BASE_URL, "Qwen3-8B", checks=["health", "models", "chat"])
+    assert run.ok, [r.detail for r in run.results if not r.ok]
+
+
+def serving_reports():
+    from sandbox_helpers import ROOT
+
+    return ROOT / "reports" / "faults-verify"

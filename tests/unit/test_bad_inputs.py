@@ -1,0 +1,298 @@
+"""Bad inventory and variable inputs are refused by the preflight play, before any change.
+
+Each case runs the real `ansible/playbooks/preflight.yml` against a throw-away inventory with
+one host in `gpu_hosts`, reached with a local connection: this machine. The inventory holds
+the sandbox's valid settings, overridden by the case's bad value. The preflight play only
+reads the host (facts, `df`, PCI devices; on GPU hosts also package lists, the Secure Boot
+state, `dockerd --version`) and checks inputs, so running it here changes nothing; the tests
+also check that every task it ran is a preflight task and that it reports `changed=0`.
+
+A case passes when the run fails in a preflight check, and the message names the variable
+and says what to do about it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE = ROOT / "ansible"
+PLAYBOOK = ANSIBLE / "playbooks" / "preflight.yml"
+ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+HOST = "bad-input-host"
+
+# The sandbox's settings (inventory/sandbox/group_vars/gpu_hosts.yml), made valid on any
+# machine: a fixed image digest instead of the sandbox's built image, a CA bundle written by
+# the tests, little disk. Everything not set takes the roles' defaults.
+BASELINE: dict = {
+    "servekit_accelerator": "cpu",
+    "preflight_min_free_gb": 1,
+    "servekit_model_endpoint": "http://servekit-control:8090",
+    "docker_engine_insecure_registries": ["servekit-control:5000"],
+    "vllm_service_image": "servekit-control:5000/servekit/vllm-cpu@sha256:"
+    + "0123456789abcdef" * 4,
+    "vllm_service_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+    "vllm_service_bind_address": "0.0.0.0",
+    "vllm_service_allow_unauthenticated": True,
+    "vllm_service_start_timeout": 600,
+}
+
+
+def _has_nvidia_gpu() -> bool:
+    vendors = Path("/sys/bus/pci/devices").glob("*/vendor")
+    return any(v.read_text().strip().lower() == "0x10de" for v in vendors)
+
+
+def _os_not_this_one() -> list[str]:
+    """A supported-OS list without this machine's OS (preflight checks the list, so this
+    stands in honestly for a host whose OS servekit does not support)."""
+    release = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
+    return ["Debian-12"] if 'VERSION_ID="24.04"' in release else ["Ubuntu-24"]
+
+
+# A host in gpu_hosts that is to serve on a GPU but has none: this machine when it has no
+# NVIDIA GPU, else a recorded GPU-less server (an lspci listing with only a BMC display).
+NO_GPU = {"servekit_accelerator": "gpu"} | (
+    {"servekit_gpu_profile": str(ROOT / "tests" / "fixtures" / "gpu" / "no_gpu.lspci")}
+    if _has_nvidia_gpu()
+    else {}
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    overrides: dict
+    hint: str  # words of the fix the message must give
+    shows: str | None = None  # the bad value, where the message repeats it
+    variable: str = ""  # the variable the message must name; default: the one overridden
+    extra_vars: bool = False  # give the overrides with -e @file.json instead of the inventory
+
+    @property
+    def names(self) -> str:
+        return self.variable or next(iter(self.overrides))
+
+
+VLLM = "vllm_service_"
+CASES = [
+    # Types: the roles' argument specs refuse these in the preflight entry points.
+    Case("port-not-a-number", {VLLM + "port": "eighty"}, "to int", "'eighty'"),
+    Case("max-model-len-8k", {VLLM + "max_model_len": "8k"}, "to int", "'8k'"),
+    Case("accelerator-tpu", {"servekit_accelerator": "tpu"}, "one of: gpu, cpu", "got: tpu"),
+    Case(
+        "allow-reboot-yes-please", {"servekit_allow_reboot": "yes please"}, "to bool", "yes please"
+    ),
+    Case(
+        "model-verify-fast", {"servekit_model_verify": "fast"}, "one of: quick, deep", "got: fast"
+    ),
+    # Values out of range.
+    Case("port-zero", {VLLM + "port": 0}, "from 1 to 65535", "=0 "),
+    Case("port-negative", {VLLM + "port": -1}, "from 1 to 65535", "=-1 "),
+    Case("port-too-big", {VLLM + "port": 70000}, "from 1 to 65535", "=70000 "),
+    Case("port-boolean", {VLLM + "port": True}, "from 1 to 65535", "=true ", extra_vars=True),
+    Case("max-model-len-zero", {VLLM + "max_model_len": 0}, "e.g. 8192", "=0 "),
+    Case("max-model-len-negative", {VLLM + "max_model_len": -5}, "e.g. 8192", "=-5 "),
+    Case("gpu-memory-1.5", {VLLM + "gpu_memory_utilization": 1.5}, "at most 1", "=1.5 "),
+    Case("tensor-parallel-zero", {VLLM + "tensor_parallel_size": 0}, "at least 1"),
+    Case("health-failures-zero", {VLLM + "health_failures": 0}, "at least 1"),
+    Case("start-timeout-5", {VLLM + "start_timeout": 5}, "at least 30 seconds"),
+    Case("keep-versions-zero", {"model_keep_versions": 0}, "at least 1"),
+    Case("max-workers-zero", {"model_max_workers": 0}, "at least 1"),
+    Case("min-free-negative", {"preflight_min_free_gb": -1}, "set the GB"),
+    # Formats.
+    Case("model-id-without-owner", {"servekit_model_id": "Qwen3-8B"}, "owner/name", '"Qwen3-8B"'),
+    Case("role-model-id-without-owner", {"model_id": "Qwen3-8B"}, "owner/name", '"Qwen3-8B"'),
+    Case(
+        "endpoint-without-scheme",
+        {"servekit_model_endpoint": "modelscope.cn"},
+        "https://modelscope.cn",
+        '"modelscope.cn"',
+    ),
+    Case("model-root-relative", {"servekit_model_root": "models"}, "absolute path", '"models"'),
+    Case("image-unpinned", {VLLM + "image": "vllm/vllm-openai:latest"}, "@sha256:", ":latest"),
+    Case("reasoning-parser-qwen4", {VLLM + "reasoning_parser": "qwen4"}, "use one of", '"qwen4"'),
+    Case("bind-host-name", {VLLM + "bind_address": "my-host"}, "set 127.0.0.1", '"my-host"'),
+    Case("served-name-with-space", {VLLM + "served_model_name": "Qwen3 8B"}, "without spaces"),
+    Case("shm-size-garbage", {VLLM + "shm_size": "lots"}, 'write e.g. "16g"', '"lots"'),
+    Case(
+        "insecure-registry-with-scheme",
+        {"docker_engine_insecure_registries": ["http://reg:5000"]},
+        "without a scheme",
+        "http://reg:5000",
+    ),
+    Case(
+        "registry-mirror-without-scheme",
+        {"docker_engine_registry_mirrors": ["mirror.lan"]},
+        "with a scheme",
+        "mirror.lan",
+    ),
+    Case("ca-bundle-missing", {"model_ca_bundle": "/nonexistent/ca.pem"}, "leave it empty"),
+    # Security: beyond loopback only with a key, or with a real boolean that allows none.
+    Case(
+        "open-bind-without-key",
+        {VLLM + "allow_unauthenticated": False, VLLM + "api_key": ""},
+        "bind to 127.0.0.1",
+        variable=VLLM + "api_key",
+    ),
+    Case("api-key-with-space", {VLLM + "api_key": "sk one two"}, "without them"),
+    # Kubespray-style strict booleans: a quoted "false" is a string, and true in a bare condition.
+    Case(
+        "allow-unauth-string",
+        {VLLM + "allow_unauthenticated": "false"},
+        "without quotes",
+        '"false"',
+    ),
+    Case(
+        "reboot-string", {"servekit_allow_reboot": "false"}, "pass JSON", '"false"', extra_vars=True
+    ),
+    Case("hold-string", {"nvidia_driver_hold_packages": "no"}, "without quotes", '"no"'),
+    Case("verify-string", {"nvidia_container_toolkit_verify": "true"}, "without quotes", '"true"'),
+    # The host itself.
+    Case(
+        "gpu-host-without-gpu", NO_GPU, "servekit_accelerator: cpu", variable="servekit_accelerator"
+    ),
+    Case("too-little-disk", {"preflight_min_free_gb": 100000}, "lower preflight_min_free_gb"),
+    Case("unsupported-os", {"preflight_supported_os": _os_not_this_one()}, "Reinstall the host"),
+]
+
+
+def _preflight_task_names() -> set[str]:
+    """Every task the preflight play may run: its own, and the roles' preflight tasks."""
+    names = {"Gathering Facts"}
+    for play in yaml.safe_load(PLAYBOOK.read_text()):
+        names |= {task["name"] for task in play["tasks"]}
+    for tasks in [
+        ANSIBLE / "roles" / "preflight" / "tasks" / "main.yml",
+        *ANSIBLE.glob("roles/*/tasks/preflight.yml"),
+    ]:
+        names |= {task["name"] for task in yaml.safe_load(tasks.read_text())}
+    return names
+
+
+PREFLIGHT_TASKS = _preflight_task_names()
+VALIDATION = "Validating arguments against arg spec '"
+TASK_HEADER = re.compile(r"^TASK \[(?:[\w.]+ : )?(.*)\] \*+\s*$")
+
+
+@dataclass
+class Run:
+    rc: int
+    output: str
+    tasks: list[str]  # task names in the order they ran
+    failed_task: str | None
+    message: str | None  # "msg" of the failed task
+
+
+def _run(case: Case | None, workdir: Path, facts: Path | None = None) -> Run:
+    if facts is not None:
+        # This machine's facts, gathered by the baseline run: the play then skips gathering
+        # them again (gathering = smart), which saves a second or two per run.
+        shutil.copytree(facts, workdir / "facts")
+    host = dict(BASELINE)
+    host["model_ca_bundle"] = str(workdir / "ca.pem")
+    (workdir / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "hosts.yml"), str(PLAYBOOK)]
+    if case is not None:
+        if case.extra_vars:
+            (workdir / "extra.json").write_text(json.dumps(case.overrides))
+            cmd += ["-e", f"@{workdir / 'extra.json'}"]
+        else:
+            host.update(case.overrides)
+    host |= {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        # The play's `become: true` would need sudo; the checks need no privileges.
+        "ansible_become": False,
+    }
+    inventory = {"all": {"children": {"gpu_hosts": {"hosts": {HOST: host}}}}}
+    (workdir / "hosts.yml").write_text(json.dumps(inventory, indent=2))
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("ANSIBLE_") and key not in ("FORCE_COLOR", "PY_COLORS")
+    } | {
+        "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(workdir / "facts"),
+        "ANSIBLE_LOCAL_TEMP": str(workdir / "tmp"),
+        # One JSON line per result, so the failure message is read exactly.
+        "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
+    }
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    output = proc.stdout + proc.stderr
+    tasks: list[str] = []
+    failed_task = message = None
+    for line in proc.stdout.splitlines():
+        if header := TASK_HEADER.match(line):
+            tasks.append(header.group(1))
+        elif line.startswith(f"fatal: [{HOST}"):
+            failed_task = tasks[-1] if tasks else None
+            message = json.loads(line.split(" => ", 1)[1]).get("msg")
+    return Run(proc.returncode, output, tasks, failed_task, message)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Run]:
+    """The valid baseline, then every case from the baseline's facts, several at a time."""
+    baseline_dir = tmp_path_factory.mktemp("baseline")
+    results = {"baseline": _run(None, baseline_dir)}
+    facts = baseline_dir / "facts" if (baseline_dir / "facts").is_dir() else None
+    workdirs = [tmp_path_factory.mktemp(case.id) for case in CASES]
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        runs = pool.map(_run, CASES, workdirs, [facts] * len(CASES))
+        results |= {case.id: run for case, run in zip(CASES, runs, strict=True)}
+    return results
+
+
+def _check_stayed_in_preflight(run: Run) -> None:
+    assert run.tasks, run.output
+    strangers = [
+        name
+        for name in run.tasks
+        if name not in PREFLIGHT_TASKS and not name.startswith(VALIDATION)
+    ]
+    assert not strangers, f"tasks outside the preflight checks ran: {strangers}\n{run.output}"
+    assert re.search(rf"^{HOST}\s*:.*\bchanged=0\b", run.output, re.M), run.output
+
+
+def test_cases_are_distinct():
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert len({json.dumps(c.overrides, sort_keys=True) for c in CASES}) == len(CASES)
+    assert len(CASES) >= 15
+
+
+def test_valid_baseline_passes_preflight(runs):
+    run = runs["baseline"]
+    assert run.rc == 0, run.output
+    assert re.search(rf"^{HOST}\s*:.*\bfailed=0\b", run.output, re.M), run.output
+    _check_stayed_in_preflight(run)
+    # Every role's preflight entry point validated its argument spec.
+    validated = [name for name in run.tasks if name.startswith(VALIDATION)]
+    assert len(validated) == 6, validated
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_refused_in_preflight(runs, case):
+    run = runs[case.id]
+    assert run.rc != 0, f"{case.id} was accepted\n{run.output}"
+    _check_stayed_in_preflight(run)
+    assert run.failed_task is not None and run.message, run.output
+    assert run.failed_task in PREFLIGHT_TASKS or run.failed_task.startswith(VALIDATION)
+    # The message names the variable the inventory sets, says what to do, and shows the value.
+    assert case.names in run.message, run.message
+    assert case.hint in run.message, run.message
+    if case.shows is not None:
+        assert case.shows in run.message, run.message
