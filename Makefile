@@ -51,8 +51,8 @@ probe: venv ## Probe any endpoint: make probe URL=http://host:8000 MODEL=Qwen3-8
 lint: venv ## ansible-lint (production profile), yamllint, ruff
 	yamllint -c .yamllint .
 	ansible-lint
-	ruff check src tests ansible
-	ruff format --check src tests ansible
+	ruff check src tests ansible benchmarks
+	ruff format --check src tests ansible benchmarks
 
 test-unit: venv ## Unit tests only (no Docker)
 	pytest tests/unit -q $(PYTEST_ARGS)

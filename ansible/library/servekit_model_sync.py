@@ -120,6 +120,7 @@ def download(module, staging, p):
     # The SDK prints progress on stdout; the module's stdout must stay pure JSON.
     real_stdout = sys.stdout
     sys.stdout = sys.stderr
+    error = None
     try:
         from modelscope.hub.snapshot_download import snapshot_download
 
@@ -127,13 +128,16 @@ def download(module, staging, p):
             p["model_id"], revision=p["revision"], local_dir=staging, max_workers=p["max_workers"]
         )
     except Exception as exc:  # the SDK raises many types; all mean "not downloaded"
-        module.fail_json(
-            msg=f"download of {p['model_id']}@{p['revision']} from {p['endpoint']} failed: {exc}. "
-            "The served model is untouched; completed files are kept and the next run resumes.",
-            staging=staging,
-        )
+        error = exc
     finally:
         sys.stdout = real_stdout
+    if error is not None:  # fail_json prints the result: only once stdout is back
+        module.fail_json(
+            msg=f"download of {p['model_id']}@{p['revision']} from {p['endpoint']} failed: "
+            f"{error}. The served model is untouched; completed files are kept and the next "
+            "run resumes.",
+            staging=staging,
+        )
 
 
 def write_manifest(directory, listing, p):

@@ -50,7 +50,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from servekit.verify import run_verify
 
-    return 0 if run_verify(Path(args.inventory), Path(args.report_dir), args.group).ok else 1
+    result = run_verify(Path(args.inventory), Path(args.report_dir), args.group, jobs=args.jobs)
+    return 0 if result.ok else 1
 
 
 def _cmd_mirror_serve(args: argparse.Namespace) -> int:
@@ -112,10 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", default="reports", help="where JSON and JUnit reports go")
     p.set_defaults(func=_cmd_probe)
 
-    v = sub.add_parser("verify", help="host checks and request probes over an inventory")
+    v = sub.add_parser(
+        "verify",
+        help="host checks and request probes over an inventory",
+        description="Host checks (pytest-testinfra, one process per host, in parallel), then "
+        "request probes of every host's endpoint (in parallel). Writes hosts.junit.xml, "
+        "probes.json, probes.junit.xml and verify.json to the report directory; exits "
+        "non-zero if anything failed.",
+        epilog="The probes take the API key from the inventory's vllm_service_api_key; when "
+        "that is a template or an Ansible Vault value (it is not decrypted here), set the "
+        "environment variable SERVEKIT_API_KEY to the key.",
+    )
     v.add_argument("--inventory", required=True)
     v.add_argument("--group", default="gpu_hosts")
     v.add_argument("--report-dir", default="reports")
+    v.add_argument("--jobs", type=int, default=16, help="hosts checked at once (default 16)")
     v.set_defaults(func=_cmd_verify)
 
     m = sub.add_parser("mirror", help="ModelScope-compatible model mirror")

@@ -1,13 +1,26 @@
-"""Read probe targets from an Ansible inventory (via `ansible-inventory`, so every format works)."""
+"""Read probe targets from an Ansible inventory (via `ansible-inventory`, so every format works).
+
+`ansible-inventory --list` does not template: a value may still be a Jinja expression
+(`"{{ vault_vllm_service_api_key }}"`) or an encrypted vault value. Simple references to
+other plain variables (`"http://{{ ansible_host }}:8000"`) are resolved here; anything else
+counts as unknown and falls back to the role default, except the API key, which then comes
+from the environment variable ``SERVEKIT_API_KEY``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+API_KEY_ENV = "SERVEKIT_API_KEY"
+_SIMPLE_REF = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,13 @@ class ProbeTarget:
     api_key: str | None
     max_model_len: int | None
     reasoning_parser: str | None
+    # Where api_key came from: "inventory", "env" (SERVEKIT_API_KEY), "none" (no key
+    # configured) or "unresolved" (a template or vault value and SERVEKIT_API_KEY unset).
+    api_key_source: str = "none"
+
+
+class InventoryError(RuntimeError):
+    """`ansible-inventory` could not read the inventory."""
 
 
 def _ansible_inventory() -> str:
@@ -29,17 +49,42 @@ def _ansible_inventory() -> str:
     )
 
 
+def is_unresolved(value: object) -> bool:
+    """True for a Jinja template or an Ansible Vault value: meaningless without Ansible."""
+    if isinstance(value, dict) and "__ansible_vault" in value:
+        return True
+    return isinstance(value, str) and (
+        "{{" in value or "{%" in value or value.startswith("$ANSIBLE_VAULT")
+    )
+
+
+def load_inventory(inventory: Path) -> dict:
+    """`ansible-inventory -i INVENTORY --list` as a dict."""
+    try:
+        out = subprocess.run(
+            [_ansible_inventory(), "-i", str(inventory), "--list"],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "ANSIBLE_VERBOSITY": "0"},
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        raise InventoryError(
+            f"ansible-inventory cannot read {inventory}: {exc.stderr.strip() or exc}"
+        ) from exc
+    return json.loads(out)
+
+
 def load_hostvars(inventory: Path, group: str = "gpu_hosts") -> dict[str, dict]:
-    out = subprocess.run(
-        [_ansible_inventory(), "-i", str(inventory), "--list"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    data = json.loads(out)
+    """The variables of every host of ``group`` (and its child groups), in inventory order."""
+    data = load_inventory(inventory)
     hostvars = data.get("_meta", {}).get("hostvars", {})
     hosts = _group_hosts(data, group)
     return {h: hostvars.get(h, {}) for h in hosts}
+
+
+def group_hosts(inventory: Path, group: str = "gpu_hosts") -> list[str]:
+    return list(load_hostvars(inventory, group))
 
 
 def _group_hosts(data: dict, group: str) -> list[str]:
@@ -50,31 +95,55 @@ def _group_hosts(data: dict, group: str) -> list[str]:
     return hosts
 
 
-def _plain(value: object) -> object:
-    """Inventory values that are still Jinja templates are of no use outside Ansible."""
-    if isinstance(value, str) and "{{" in value:
-        return None
-    return value
+def _plain(value: object, hv: Mapping[str, object] | None = None) -> object:
+    """A usable value: as is, or with simple ``{{ var }}`` references to plain variables
+    resolved; None when it stays a template or is a vault value."""
+    if isinstance(value, str) and hv is not None and "{{" in value:
+
+        def ref(match: re.Match[str]) -> str:
+            found = hv.get(match.group(1))
+            ok = isinstance(found, str | int) and not is_unresolved(found)
+            return str(found) if ok else match.group(0)
+
+        value = _SIMPLE_REF.sub(ref, value)
+    return None if is_unresolved(value) else value
 
 
-def probe_targets(inventory: Path, group: str = "gpu_hosts") -> list[ProbeTarget]:
+def _api_key(hv: Mapping[str, object], env: Mapping[str, str]) -> tuple[str | None, str]:
+    raw = hv.get("vllm_service_api_key")
+    if raw is None or raw == "":
+        return None, "none"
+    if is_unresolved(raw):
+        from_env = env.get(API_KEY_ENV) or None
+        return from_env, "env" if from_env else "unresolved"
+    return str(raw), "inventory"
+
+
+def probe_targets(
+    inventory: Path, group: str = "gpu_hosts", env: Mapping[str, str] | None = None
+) -> list[ProbeTarget]:
+    """One probe target per host of ``group``. ``env`` defaults to ``os.environ``."""
+    env = os.environ if env is None else env
     targets = []
-    for host, hv in load_hostvars(inventory, group).items():
-        port = _plain(hv.get("vllm_service_port")) or 8000
-        address = _plain(hv.get("ansible_host")) or host
-        bind = _plain(hv.get("vllm_service_bind_address")) or "127.0.0.1"
+    for host, hostvars in load_hostvars(inventory, group).items():
+        hv = {"inventory_hostname": host, **hostvars}
+        port = _plain(hv.get("vllm_service_port"), hv) or 8000
+        address = _plain(hv.get("ansible_host"), hv) or host
+        bind = _plain(hv.get("vllm_service_bind_address"), hv) or "127.0.0.1"
         if bind not in ("0.0.0.0", "127.0.0.1", "::", "localhost"):
-            address = bind
-        url = _plain(hv.get("servekit_probe_url")) or f"http://{address}:{port}"
-        parser = _plain(hv.get("vllm_service_reasoning_parser"))
+            address = f"[{bind}]" if ":" in str(bind) else bind
+        url = _plain(hv.get("servekit_probe_url"), hv) or f"http://{address}:{port}"
+        parser = _plain(hv.get("vllm_service_reasoning_parser"), hv)
+        api_key, source = _api_key(hv, env)
         targets.append(
             ProbeTarget(
                 host=host,
                 url=str(url),
-                model=str(_plain(hv.get("vllm_service_served_model_name")) or "Qwen3-8B"),
-                api_key=_plain(hv.get("vllm_service_api_key")) or None,
-                max_model_len=int(_plain(hv.get("vllm_service_max_model_len")) or 8192),
-                reasoning_parser="qwen3" if parser is None else (parser or None),
+                model=str(_plain(hv.get("vllm_service_served_model_name"), hv) or "Qwen3-8B"),
+                api_key=api_key,
+                max_model_len=int(_plain(hv.get("vllm_service_max_model_len"), hv) or 8192),
+                reasoning_parser="qwen3" if parser is None else (str(parser) or None),
+                api_key_source=source,
             )
         )
     return targets

@@ -1,10 +1,20 @@
-"""Is the host converged: OS, Docker, the vLLM unit, its health timer, the port, the model."""
+"""Is the host converged: OS, Docker, the vLLM unit, its health timer, the container (image,
+flags, secrets), the port, the model. GPU checks are in test_gpu.py."""
 
 from __future__ import annotations
 
 import json
+import time
 
-from conftest import journal
+from conftest import (
+    CONTAINER,
+    ENV_FILE,
+    UNIT_FILE,
+    is_unresolved,
+    journal,
+    redact,
+    split_image,
+)
 
 SUPPORTED = {
     ("debian", "12"),
@@ -13,19 +23,25 @@ SUPPORTED = {
     ("rocky", "9"),
     ("rhel", "9"),
 }
+# Restart-count stability: poll /health this often over this long, then re-read NRestarts.
+HEALTH_POLLS = 6
+HEALTH_POLL_INTERVAL = 0.5
 
 
 def test_os_is_supported(host):
     info = host.system_info
     release = info.release if info.distribution == "ubuntu" else info.release.split(".")[0]
-    assert (info.distribution, release) in SUPPORTED, f"{info.distribution} {info.release}"
-    assert host.run("uname -r").rc == 0
+    assert (info.distribution, release) in SUPPORTED, (
+        f"expected one of {sorted(SUPPORTED)}, got {info.distribution} {info.release}"
+    )
+    kernel = host.run("uname -r")
+    assert kernel.rc == 0 and kernel.stdout.strip(), f"uname -r failed: {kernel.stderr}"
 
 
 def test_docker_is_active_and_enabled(host):
     docker = host.service("docker")
-    assert docker.is_running, journal(host, "docker")
-    assert docker.is_enabled
+    assert docker.is_running, f"docker.service is not running; journal:\n{journal(host, 'docker')}"
+    assert docker.is_enabled, "docker.service is not enabled: it would not come back after a reboot"
 
 
 def test_vllm_service_is_active_and_enabled(host):
@@ -33,65 +49,202 @@ def test_vllm_service_is_active_and_enabled(host):
     state = host.run(
         "systemctl show vllm --property=ActiveState,SubState,Result --value"
     ).stdout.split()
-    assert vllm.is_running, f"vllm.service is {state}; journal:\n{journal(host, 'vllm')}"
+    assert vllm.is_running, (
+        f"expected vllm.service active/running, got {state}; journal:\n{journal(host, 'vllm')}"
+    )
     assert vllm.is_enabled, "vllm.service is not enabled: it would not come back after a reboot"
 
 
+def _service_props(host, *names: str) -> dict[str, str]:
+    result = host.run("systemctl show vllm --property=%s", ",".join(names))
+    props = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    missing = [n for n in names if n not in props]
+    assert not missing, (
+        f"expected `systemctl show vllm` to give {', '.join(names)}, got rc {result.rc}: "
+        f"{(result.stdout + result.stderr).strip()[:300]}"
+    )
+    return props
+
+
 def test_vllm_service_is_not_restart_looping(host):
-    show = host.run("systemctl show vllm --property=NRestarts,StartLimitBurst").stdout
-    props = dict(line.split("=", 1) for line in show.split())
+    props = _service_props(host, "NRestarts", "StartLimitBurst")
     restarts, burst = int(props["NRestarts"]), int(props["StartLimitBurst"])
     assert restarts < burst, (
-        f"vllm.service restarted {restarts} times (start limit {burst}); journal:\n"
+        f"expected fewer restarts than the start limit {burst}, got {restarts}; journal:\n"
+        + journal(host, "vllm")
+    )
+
+
+def _health_url(hostvars) -> str:
+    """/health as the host reaches it (what vllm-health-check polls)."""
+    bind, port = str(hostvars["vllm_service_bind_address"]), hostvars["vllm_service_port"]
+    if bind in ("0.0.0.0", "127.0.0.1", "localhost"):
+        address = "127.0.0.1"
+    elif bind in ("::", "::1"):
+        address = "[::1]"
+    else:
+        address = f"[{bind}]" if ":" in bind else bind
+    return f"http://{address}:{port}/health"
+
+
+def test_restart_count_is_stable_while_serving(host, hostvars):
+    """NRestarts must not move while /health is polled for a few seconds: a unit that
+    restarts in a loop can look active at any single moment."""
+    url = _health_url(hostvars)
+    before = _service_props(host, "NRestarts", "MainPID", "ActiveState")
+    codes: list[str] = []
+    deadline = time.monotonic() + HEALTH_POLLS * HEALTH_POLL_INTERVAL
+    while True:
+        result = host.run(
+            "curl --silent --output /dev/null --max-time 5 --write-out '%%{http_code}' %s", url
+        )
+        codes.append(result.stdout.strip() or f"curl rc {result.rc}")
+        if len(codes) >= HEALTH_POLLS and time.monotonic() >= deadline:
+            break
+        time.sleep(HEALTH_POLL_INTERVAL)
+    after = _service_props(host, "NRestarts", "MainPID", "ActiveState")
+    assert after["NRestarts"] == before["NRestarts"], (
+        f"expected NRestarts to stay {before['NRestarts']} while polling {url}, "
+        f"got {after['NRestarts']} (health answers: {codes}); journal:\n{journal(host, 'vllm')}"
+    )
+    assert after["MainPID"] == before["MainPID"] and after["ActiveState"] == "active", (
+        f"expected vllm.service to stay active with MainPID {before['MainPID']}, got "
+        f"{after['ActiveState']} with MainPID {after['MainPID']}; journal:\n{journal(host, 'vllm')}"
+    )
+    assert set(codes) == {"200"}, (
+        f"expected HTTP 200 from every poll of {url}, got {codes}; journal:\n"
         + journal(host, "vllm")
     )
 
 
 def test_health_timer_is_active(host):
     timer = host.service("vllm-health.timer")
-    assert timer.is_running, journal(host, "vllm-health.service")
-    assert timer.is_enabled
+    assert timer.is_running, (
+        f"vllm-health.timer is not active; journal:\n{journal(host, 'vllm-health.timer')}"
+    )
+    assert timer.is_enabled, "vllm-health.timer is not enabled"
 
 
 def test_api_port_listens_on_the_configured_address(host, hostvars):
     port, bind = hostvars["vllm_service_port"], hostvars["vllm_service_bind_address"]
     listening = [str(s) for s in host.socket.get_listening_sockets() if s.endswith(f":{port}")]
-    assert listening, f"nothing listens on port {port}"
+    assert listening, f"expected a listener on {bind}:{port}, got nothing on port {port}"
     expected = f"tcp://{bind}:{port}" if ":" not in bind else f"tcp://[{bind}]:{port}"
     wildcard = bind in ("0.0.0.0", "::")
     assert expected in listening or (wildcard and any(bind in s for s in listening)), (
-        f"port {port} listens on {listening}, expected only {expected}"
+        f"expected port {port} on {expected} only, got {listening}"
     )
     others = [s for s in listening if bind not in s and not wildcard]
-    assert not others, f"port {port} also listens on {others}"
+    assert not others, f"expected port {port} on {expected} only, it also listens on {others}"
 
 
 def test_env_file_is_private(host):
-    env = host.file("/etc/vllm/vllm.env")
-    assert env.exists
-    assert env.user == "root"
-    assert env.mode == 0o600, f"/etc/vllm/vllm.env has mode {oct(env.mode)}, expected 0o600"
+    env = host.file(ENV_FILE)
+    assert env.exists, f"{ENV_FILE} is missing"
+    assert env.user == "root", f"expected {ENV_FILE} owned by root, got {env.user}"
+    assert env.mode == 0o600, f"expected {ENV_FILE} mode 0o600, got {oct(env.mode)}"
 
 
 def test_container_runs_with_the_documented_flags(host, vllm_container):
-    assert vllm_container is not None, "no container named vllm is running"
+    assert vllm_container is not None, f"no container named {CONTAINER} is running"
     hc = vllm_container["HostConfig"]
     assert hc["IpcMode"] == "host" or hc.get("ShmSize", 0) >= 1 << 30, (
-        f"IpcMode={hc['IpcMode']} ShmSize={hc.get('ShmSize')}: "
-        "vLLM needs --ipc=host or a big --shm-size"
+        f"expected --ipc=host or --shm-size >= 1g, got IpcMode={hc['IpcMode']} "
+        f"ShmSize={hc.get('ShmSize')}: vLLM needs large shared memory"
     )
-    assert "no-new-privileges" in (hc.get("SecurityOpt") or [])
+    assert "no-new-privileges" in (hc.get("SecurityOpt") or []), (
+        f"expected SecurityOpt no-new-privileges, got {hc.get('SecurityOpt')}"
+    )
     model_mounts = [m for m in vllm_container["Mounts"] if m["Destination"].startswith("/models/")]
-    assert model_mounts, "the model is not mounted"
-    assert all(not m["RW"] for m in model_mounts), "the model must be mounted read-only"
+    assert model_mounts, (
+        f"expected the model mounted under /models/, got {vllm_container['Mounts']}"
+    )
+    writable = [m["Destination"] for m in model_mounts if m["RW"]]
+    assert not writable, f"expected the model mounted read-only, got writable {writable}"
 
 
-def test_container_args_hold_no_secret(host, vllm_container):
-    assert vllm_container is not None
-    args = " ".join(vllm_container["Args"])
-    assert "--api-key" not in args, "the API key must come from the env file, not argv"
-    ps = host.run("ps -eo args").stdout
-    assert "VLLM_API_KEY" not in ps and "--api-key" not in ps
+def test_container_runs_the_pinned_image(
+    host, vllm_container, inventory_vars, hostvars, unit_image
+):
+    """The running container's image is the configured digest.
+
+    The configured value is the inventory's `vllm_service_image`, else the role default; when
+    the inventory value is a template (the sandbox reads it from a file), the image that
+    vllm.service was written with stands for it.
+    """
+    raw = inventory_vars.get("vllm_service_image")
+    if raw is not None and is_unresolved(raw):
+        expected, source = unit_image, f"{UNIT_FILE} (the inventory value is a template)"
+    else:
+        expected = str(hostvars["vllm_service_image"])
+        source = "the inventory" if raw is not None else "the vllm_service default"
+        assert unit_image == expected, (
+            f"expected {UNIT_FILE} to run {expected} (from {source}), got {unit_image}: "
+            "the unit is stale, re-deploy"
+        )
+    repo, _, digest = split_image(expected)
+    assert digest and digest.startswith("sha256:"), (
+        f"expected an image pinned by digest (...@sha256:...), got {expected} (from {source})"
+    )
+    assert vllm_container is not None, f"no container named {CONTAINER} is running"
+    started_as = vllm_container["Config"]["Image"]
+    assert started_as == unit_image, (
+        f"expected the container started from {unit_image} ({UNIT_FILE}), got {started_as}: "
+        "vllm.service was changed but not restarted"
+    )
+    image_id = vllm_container["Image"]
+    result = host.run("docker image inspect %s", image_id)
+    assert result.rc == 0, f"docker image inspect {image_id} failed: {result.stderr}"
+    repo_digests = json.loads(result.stdout)[0].get("RepoDigests") or []
+    running = {split_image(d)[::2] for d in repo_digests}
+    assert (repo, digest) in running, (
+        f"expected the container's image {image_id} to be {repo}@{digest} (from {source}), "
+        f"got RepoDigests {repo_digests}"
+    )
+
+
+def _secret_places(host, vllm_container) -> dict[str, str]:
+    """Where a secret must never show: process arguments and the unit's properties."""
+    config = vllm_container.get("Config") or {}
+    return {
+        "systemctl show vllm": host.run("systemctl show vllm").stdout,
+        "docker inspect (Path, Args, Cmd, Entrypoint)": json.dumps(
+            {
+                "Path": vllm_container.get("Path"),
+                "Args": vllm_container.get("Args"),
+                "Cmd": config.get("Cmd"),
+                "Entrypoint": config.get("Entrypoint"),
+            }
+        ),
+        "ps -eo args": host.check_output("ps -eo args"),
+    }
+
+
+def _lines_with(text: str, needle: str, secret: str | None) -> str:
+    hits = [line.strip() for line in text.splitlines() if needle in line]
+    return redact("; ".join(hits), secret)[:400]
+
+
+def test_api_key_appears_in_no_process_arguments(host, vllm_container, api_key):
+    """The key lives in the env file only: not in argv, ExecStart or docker's args."""
+    assert vllm_container is not None, f"no container named {CONTAINER} is running"
+    places = _secret_places(host, vllm_container)
+    leaks = {}
+    for where, text in places.items():
+        if api_key and api_key in text:
+            leaks[where] = "the key: " + _lines_with(text, api_key, api_key)
+        elif "--api-key" in text:
+            leaks[where] = "--api-key: " + _lines_with(text, "--api-key", api_key)
+    origin = f"the VLLM_API_KEY of {ENV_FILE}" if api_key else f"no key set in {ENV_FILE}"
+    assert not leaks, (
+        f"expected no API key in process arguments or unit properties ({origin}), got "
+        + " | ".join(f"{where}: {what}" for where, what in leaks.items())
+    )
+    ps = places["ps -eo args"]
+    assert "VLLM_API_KEY=" not in ps, (
+        "expected VLLM_API_KEY in no command line, got: "
+        + _lines_with(ps, "VLLM_API_KEY=", api_key)
+    )
 
 
 def test_model_matches_its_manifest(host, hostvars):
@@ -103,5 +256,7 @@ def test_model_matches_its_manifest(host, hostvars):
     for path, entry in manifest["files"].items():
         f = host.file(f"{current}/{path}")
         assert f.exists, f"{current}/{path} is missing"
-        assert f.size == entry["size"], f"{path}: {f.size} bytes, manifest says {entry['size']}"
-    assert host.file(f"{current}/config.json").exists
+        assert f.size == entry["size"], (
+            f"{current}/{path}: expected {entry['size']} bytes (manifest), got {f.size}"
+        )
+    assert host.file(f"{current}/config.json").exists, f"{current}/config.json is missing"

@@ -1,9 +1,13 @@
-"""Probe tests against a local fake vLLM server.
+"""Probe tests against a local fake vLLM server that replays recorded real responses.
 
-The fake replays the recorded-shaped responses in ``fixtures/vllm`` and behaves like vLLM
-where the probes look (404 for an unknown model, 400 for a too-large ``max_tokens`` or a
-malformed body, 401 without the key when started with one, SSE framing). Each test can
-override a route, edit a fixture on the fly or reshape the stream to break one thing, and
+``fixtures/vllm/<server>/`` holds what vLLM 0.32.0 answered to the probes' own requests, one
+directory per server configuration (``qwen3``, ``deepseek_r1``, ``no_parser``, ``api_key``;
+see the README there and ``record.py``, which made them): bodies byte for byte, and the
+status and headers of each in ``exchanges.json``. The fake routes a request the way vLLM does
+(404 for an unknown model, 400 for a too-large ``max_tokens`` or a malformed body, 401 on
+``/v1/*`` without the key when started with one, SSE for ``stream``) and answers with the
+matching recording. Each test of a broken server derives its variant from a recording: it
+overrides a route, edits a recorded body on the fly or reshapes the recorded stream, and
 checks that the matching probe fails and says why.
 """
 
@@ -16,6 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,13 @@ import requests
 from aiohttp import web
 
 from servekit.probe import PROBE_NAMES, ProbeResult, ProbeRun, probe_targets, run_probes
-from servekit.probe.checks import ProbeContext, run_probe
+from servekit.probe.checks import UNKNOWN_MODEL, ProbeContext, run_probe
 from servekit.probe.client import AUTH_REQUIRED, Client
 from servekit.probe.sse import iter_events, split_lines
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
+RECORDINGS = ("qwen3", "deepseek_r1", "no_parser", "api_key")
+RECORDED_KEY = "sk-servekit-recording"  # what the api_key server was started with
 MODEL = "Qwen3-8B"
 MAX_MODEL_LEN = 8192
 V1_PROBES = [n for n in PROBE_NAMES if n not in ("health", "version", "metrics")]
@@ -36,30 +43,71 @@ V1_PROBES = [n for n in PROBE_NAMES if n not in ("health", "version", "metrics")
 Handler = Callable[[web.Request, bytes], Any]
 
 
-def load(name: str) -> Any:
-    text = (FIXTURES / name).read_text(encoding="utf-8")
-    return json.loads(text) if name.endswith(".json") else text
+class Recording:
+    """The recorded answers of one vLLM server configuration."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self.dir = FIXTURES / server
+        self.exchanges: dict[str, dict] = json.loads(
+            (self.dir / "exchanges.json").read_text(encoding="utf-8")
+        )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.exchanges
+
+    def raw(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
+
+    def text(self, name: str) -> str:
+        return self.raw(name).decode("utf-8")
+
+    def json(self, name: str) -> Any:
+        return json.loads(self.raw(name))
+
+    def status(self, name: str) -> int:
+        return self.exchanges[name]["status"]
+
+    def headers(self, name: str) -> dict[str, str]:
+        return dict(self.exchanges[name]["headers"])
+
+    def events(self, name: str = "chat_completion_stream.sse") -> list[str]:
+        """The payloads of a recorded SSE stream, ``[DONE]`` included."""
+        return [block[len("data: ") :] for block in self.text(name).split("\n\n") if block]
+
+
+@cache
+def recording(server: str = "qwen3") -> Recording:
+    return Recording(server)
+
+
+def dumps(body: Any) -> bytes:
+    """JSON the way vLLM writes it: compact, UTF-8."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def json_reply(status: int, body: Any) -> web.Response:
-    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    return web.Response(status=status, body=dumps(body), content_type="application/json")
 
 
 class FakeVLLM:
     """A stand-in for vLLM's OpenAI-compatible server, on 127.0.0.1 and an ephemeral port.
 
-    ``parser`` mimics the server's ``--reasoning-parser``: "qwen3", "deepseek_r1" or None.
+    ``server`` picks the recording it replays: "qwen3" (the default), "deepseek_r1",
+    "no_parser" (no ``--reasoning-parser``) or "api_key" (the default when ``api_key`` is
+    given: then ``/v1/*`` answers the recorded 401s without ``Bearer <api_key>``).
     Hooks for broken variants:
       ``routes["METHOD /path"]`` (or ``routes["*"]`` for every request) replaces a handler;
-      ``mutate[fixture_name]`` edits a JSON fixture (a deep copy) before it is sent;
-      ``stream_events`` reshapes the list of SSE payloads (``[DONE]`` included);
+      ``mutate[file name]`` edits a recorded JSON body (a deep copy) before it is sent;
+      ``stream_events`` reshapes the list of recorded SSE payloads (``[DONE]`` included);
       ``stream_sep`` is what follows each ``data:`` line; ``stream_cut_after`` drops the
       connection after that many events.
     """
 
-    def __init__(self, *, api_key: str | None = None, parser: str | None = "qwen3") -> None:
+    def __init__(self, *, server: str | None = None, api_key: str | None = None) -> None:
         self.api_key = api_key
-        self.parser = parser
+        self.rec = recording(server or ("api_key" if api_key else "qwen3"))
+        self.auth_rec = recording("api_key")  # the recorded 401s
         self.routes: dict[str, Handler] = {}
         self.mutate: dict[str, Callable[[Any], None]] = {}
         self.stream_events: Callable[[list[str]], list[str]] | None = None
@@ -72,14 +120,14 @@ class FakeVLLM:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._defaults: dict[str, Handler] = {
-            "GET /health": lambda r, b: web.Response(status=200),
-            "GET /ping": lambda r, b: web.Response(status=200),
-            "GET /version": lambda r, b: self.reply(200, "version.json"),
-            "GET /v1/models": lambda r, b: self.reply(200, "models.json"),
-            "GET /metrics": self._metrics,
+            "GET /health": lambda r, b: self.reply("health.txt"),
+            "GET /ping": lambda r, b: self.reply("ping.txt"),
+            "GET /version": lambda r, b: self.reply("version.json"),
+            "GET /v1/models": lambda r, b: self.reply("models.json"),
+            "GET /metrics": lambda r, b: self.reply("metrics.txt"),
             "POST /v1/chat/completions": self._chat,
-            "POST /v1/completions": lambda r, b: self.reply(200, "completion.json"),
-            "POST /tokenize": lambda r, b: self.reply(200, "tokenize.json"),
+            "POST /v1/completions": lambda r, b: self.reply("completion.json"),
+            "POST /tokenize": lambda r, b: self.reply("tokenize.json"),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -126,13 +174,19 @@ class FakeVLLM:
 
     # ------------------------------------------------------------------ handlers
 
-    def reply(self, status: int, name: str, edit: Callable[[Any], None] | None = None):
-        body = copy.deepcopy(load(name))
-        if edit:
-            edit(body)
-        if name in self.mutate:
-            self.mutate[name](body)
-        return json_reply(status, body)
+    def reply(self, name: str, edit: Callable[[Any], None] | None = None) -> web.Response:
+        """The recorded answer ``name``: its status, headers and body (exact bytes unless
+        ``edit`` or a ``mutate`` hook changes the JSON)."""
+        rec = self.rec if name in self.rec else self.auth_rec
+        raw = rec.raw(name)
+        if edit or name in self.mutate:
+            body = copy.deepcopy(json.loads(raw))
+            if edit:
+                edit(body)
+            if name in self.mutate:
+                self.mutate[name](body)
+            raw = dumps(body)
+        return web.Response(status=rec.status(name), body=raw, headers=rec.headers(name))
 
     async def hang(self, request: web.Request, raw: bytes) -> web.Response:
         """A handler that answers only when the server stops (for timeouts)."""
@@ -152,71 +206,53 @@ class FakeVLLM:
         )
         handler = self.routes.get(key) or self.routes.get("*")
         if handler is None:
-            keyed = request.path.startswith("/v1/") or request.path == "/tokenize"
-            authorized = request.headers.get("Authorization") == f"Bearer {self.api_key}"
-            if self.api_key and keyed and not authorized:
-                return self.reply(401, "unauthorized.json")
+            # vLLM 0.32 guards /v1/* only: /tokenize, /health, /version, /metrics stay open.
+            given = request.headers.get("Authorization")
+            if (
+                self.api_key
+                and request.path.startswith("/v1/")
+                and given != f"Bearer {self.api_key}"
+            ):
+                return self.reply(
+                    "unauthorized.json" if given is None else "unauthorized_wrong_key.json"
+                )
             handler = self._defaults.get(key)
         if handler is None:
-            return self.reply(404, "not_found.json")
+            return self.reply("not_found.json")
         out = handler(request, raw)
         return await out if asyncio.iscoroutine(out) else out
-
-    def _metrics(self, request: web.Request, raw: bytes) -> web.Response:
-        return web.Response(
-            status=200,
-            body=load("metrics.txt").encode(),
-            headers={"Content-Type": "text/plain; version=1.0.0; charset=utf-8"},
-        )
 
     async def _chat(self, request: web.Request, raw: bytes) -> web.StreamResponse:
         try:
             body = json.loads(raw)
         except ValueError:
-            return self.reply(400, "error_bad_json.json")
+            return self.reply("error_bad_json.json")
         if not isinstance(body, dict) or "messages" not in body:
-            return self.reply(400, "error_missing_messages.json")
+            return self.reply("error_missing_messages.json")
         if body.get("model") != MODEL:
 
             def name_it(err: Any) -> None:
                 msg = err["error"]["message"]
-                err["error"]["message"] = msg.replace("`nope`", f"`{body.get('model')}`")
+                err["error"]["message"] = msg.replace(UNKNOWN_MODEL, str(body.get("model")))
 
-            return self.reply(404, "error_unknown_model.json", name_it)
+            edit = None if body.get("model") == UNKNOWN_MODEL else name_it
+            return self.reply("error_unknown_model.json", edit)
         max_tokens = body.get("max_tokens") or 16
         if max_tokens > MAX_MODEL_LEN:
-            return self.reply(400, "error_max_tokens.json")
+            return self.reply("error_max_tokens.json")
         if body.get("stream"):
             return await self._stream(request)
-
-        thinking = (body.get("chat_template_kwargs") or {}).get("enable_thinking", True)
-        if thinking:
-            name = "chat_completion.json"
-        elif self.parser == "deepseek_r1":
-            name = "chat_completion_thinking_off_deepseek_r1.json"
-        else:
-            name = "chat_completion_thinking_off.json"
-
-        def shape(resp: Any) -> None:
-            message = resp["choices"][0]["message"]
-            if self.parser is None:  # no parser: all text, thinking included, is content
-                message["content"] = (message["reasoning"] or "") + (message["content"] or "")
-                message["reasoning"] = None
-            usage = resp["usage"]
-            if usage["completion_tokens"] > max_tokens:
-                usage["completion_tokens"] = max_tokens
-                usage["total_tokens"] = usage["prompt_tokens"] + max_tokens
-
-        return self.reply(200, name, shape)
+        if not (body.get("chat_template_kwargs") or {}).get("enable_thinking", True):
+            return self.reply("chat_completion_thinking_off.json")
+        name = f"chat_completion_max_tokens_{max_tokens}.json"
+        return self.reply(name if name in self.rec else "chat_completion.json")
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
-        text = load("chat_completion_stream.sse")
-        events = [block[len("data: ") :] for block in text.split("\n\n") if block]
+        name = "chat_completion_stream.sse"
+        events = self.rec.events(name)
         if self.stream_events:
             events = self.stream_events(events)
-        resp = web.StreamResponse(
-            status=200, headers={"Content-Type": "text/event-stream; charset=utf-8"}
-        )
+        resp = web.StreamResponse(status=self.rec.status(name), headers=self.rec.headers(name))
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         for i, event in enumerate(events):
@@ -235,7 +271,7 @@ def edit_chunks(fn: Callable[[list[dict]], None]) -> Callable[[list[str]], list[
     def transform(events: list[str]) -> list[str]:
         chunks = [json.loads(e) for e in events if e != "[DONE]"]
         fn(chunks)
-        out = [json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in chunks]
+        out = [dumps(c).decode() for c in chunks]
         return out + (["[DONE]"] if "[DONE]" in events else [])
 
     return transform
@@ -272,14 +308,125 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bodies(server: FakeVLLM, path: str) -> list[dict]:
-    return [json.loads(r["body"]) for r in server.requests if r["path"] == path and r["body"]]
+def bodies(server: FakeVLLM, path: str) -> list[Any]:
+    """The JSON bodies sent to ``path``, in order (malformed ones left out)."""
+    out = []
+    for r in server.requests:
+        if r["path"] == path and r["body"]:
+            try:
+                out.append(json.loads(r["body"]))
+            except ValueError:
+                continue
+    return out
 
 
-# ---------------------------------------------------------------------- a healthy server
+# ---------------------------------------------------------------------- the recordings
 
 
-def test_faithful_server_passes_every_probe(fake):
+def recorded_usage(server: str = "qwen3", name: str = "chat_completion.json") -> dict:
+    if name.endswith(".sse"):
+        return json.loads(recording(server).events(name)[-2])["usage"]
+    return recording(server).json(name)["usage"]
+
+
+def send_recorded(url: str, request: dict, api_key: str | None) -> requests.Response:
+    headers = {}
+    if request["auth"] == "the key":
+        headers["Authorization"] = f"Bearer {api_key}"
+    elif request["auth"] == "a wrong key":
+        headers["Authorization"] = "Bearer sk-servekit-wrong"
+    data = request.get("data")
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    return requests.request(
+        request["method"],
+        url + request["path"],
+        json=request.get("json"),
+        data=data.encode() if data is not None else None,
+        headers=headers,
+        timeout=10,
+    )
+
+
+@pytest.mark.parametrize("server", RECORDINGS)
+def test_the_fake_answers_every_recorded_request_as_recorded(make_fake, server):
+    """The fake routes each request the probes (and record.py) send to its recording and
+    answers it byte for byte, with the recorded status and headers."""
+    rec = recording(server)
+    key = RECORDED_KEY if server == "api_key" else None
+    fake = make_fake(server=server, api_key=key)
+    replayed = 0
+    for name, exchange in rec.exchanges.items():
+        if name == "error_engine_dead.json":  # needs a dead engine; replayed below
+            continue
+        resp = send_recorded(fake.url, exchange["request"], key)
+        assert resp.status_code == exchange["status"], name
+        assert resp.content == rec.raw(name), name
+        for header, value in exchange["headers"].items():
+            assert resp.headers.get(header) == value, (name, header)
+        replayed += 1
+    assert replayed >= 17
+
+
+def test_recordings_were_made_with_the_probes_own_requests(fake):
+    probe(fake.url, "chat", "chat_stream", "completions", "tokenize")
+    sent = {(r["path"], r["body"].decode()) for r in fake.requests if r["method"] == "POST"}
+    recorded = {
+        (e["request"]["path"], json.dumps(e["request"]["json"]))
+        for e in recording("qwen3").exchanges.values()
+        if "json" in e["request"]
+    }
+    assert {(path, json.dumps(json.loads(body))) for path, body in sent} <= recorded
+
+
+def test_recorded_facts_the_probes_rely_on():
+    """What vLLM 0.32 really does, as recorded (the probes accept exactly this)."""
+    qwen3, r1, bare, keyed = (recording(s) for s in RECORDINGS)
+    assert qwen3.json("version.json") == {"version": "0.32.0"}
+    assert qwen3.status("not_found.json") == 404
+    # reasoning lands in `reasoning`; a budget spent inside thinking leaves content null
+    message = qwen3.json("chat_completion.json")["choices"][0]["message"]
+    assert message["content"] is None and message["reasoning"]
+    assert "reasoning_content" not in message
+    # thinking off: qwen3 answers in content, deepseek_r1 puts the answer in reasoning
+    off = qwen3.json("chat_completion_thinking_off.json")["choices"][0]["message"]
+    assert off["content"] and off["reasoning"] is None
+    off = r1.json("chat_completion_thinking_off.json")["choices"][0]["message"]
+    assert off["content"] is None and off["reasoning"]
+    # without a parser, everything is content
+    on = bare.json("chat_completion.json")["choices"][0]["message"]
+    assert on["content"] and on["reasoning"] is None
+    # the stream: role first, then deltas, finish_reason, a usage chunk with no choices, [DONE]
+    events = qwen3.events()
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert qwen3.headers("chat_completion_stream.sse")["content-type"].startswith(
+        "text/event-stream"
+    )
+    # /metrics is Prometheus text with vllm:* series labelled by the served name
+    assert qwen3.headers("metrics.txt")["content-type"].startswith("text/plain; version=")
+    assert f'model_name="{MODEL}"' in qwen3.text("metrics.txt")
+    # with a key: /v1/* answers 401 {"error": "Unauthorized"}; /tokenize and the rest stay open
+    assert keyed.status("unauthorized.json") == 401
+    assert keyed.json("unauthorized.json") == {"error": "Unauthorized"}
+    assert keyed.status("unauthorized_wrong_key.json") == 401
+    assert keyed.status("unauthorized_chat.json") == 401
+    assert keyed.status("tokenize_without_key.json") == 200
+    for name in ("health.txt", "version.json", "metrics.txt"):
+        assert keyed.exchanges[name]["request"]["auth"] == "none"
+        assert keyed.status(name) == 200
+    # a dead engine core: 500 InternalServerError (the API server exits right after)
+    assert qwen3.status("error_engine_dead.json") == 500
+    assert qwen3.json("error_engine_dead.json")["error"]["type"] == "InternalServerError"
+
+
+# ---------------------------------------------------------------------- healthy servers
+
+
+def test_recorded_qwen3_server_passes_every_probe(fake):
     run = run_probes(
         fake.url,
         MODEL,
@@ -297,10 +444,31 @@ def test_faithful_server_passes_every_probe(fake):
     by_name = {r.name: r for r in run.results}
     assert by_name["version"].detail == "vLLM 0.32.0"
     assert "ttft" in by_name["chat_stream"].detail
-    assert "usage 14+32=46" in by_name["chat_stream"].detail
+    u = recorded_usage(name="chat_completion_stream.sse")
+    usage = f"usage {u['prompt_tokens']}+{u['completion_tokens']}={u['total_tokens']}"
+    assert usage in by_name["chat_stream"].detail
     assert "p50" in by_name["concurrency"].detail and "p95" in by_name["concurrency"].detail
     assert "content null" in by_name["chat"].detail  # cut inside thinking is accepted
+    assert by_name["tokenize"].detail == (
+        f"{recorded_usage()['prompt_tokens']} prompt tokens, same as chat usage"
+    )
+    assert by_name["reasoning"].detail.startswith("parser qwen3; thinking on: reasoning ")
     assert all(r.seconds >= 0 for r in run.results)
+
+
+def test_recorded_server_with_a_key_passes_every_probe_given_the_key(make_fake):
+    server = make_fake(api_key=RECORDED_KEY)
+    run = run_probes(server.url, MODEL, api_key=RECORDED_KEY, reasoning_parser="qwen3", timeout=10)
+    assert {r.name: r.detail for r in run.results if not r.ok or r.skipped} == {}
+    auth = next(r for r in run.results if r.name == "auth")
+    assert auth.detail == "no key -> 401, wrong key -> 401, right key -> 200"
+
+
+def test_recorded_server_without_a_parser_passes_when_none_is_expected(make_fake):
+    server = make_fake(server="no_parser")
+    run = run_probes(server.url, MODEL, max_model_len=MAX_MODEL_LEN, timeout=10)
+    assert {r.name: r.detail for r in run.results if r.failed} == {}
+    assert [r.name for r in run.results if r.skipped] == ["reasoning", "auth"]
 
 
 def test_requests_carry_the_documented_parameters(fake):
@@ -332,6 +500,7 @@ def test_error_max_tokens_learns_max_model_len_from_models(fake):
     result = probe(fake.url, "error_max_tokens")["error_max_tokens"]
     assert result.ok, result.detail
     assert "from /v1/models" in result.detail
+    assert "max_tokens=8193 cannot be greater than max_model_len=8192" in result.detail
     assert bodies(fake, "/v1/chat/completions")[0]["max_tokens"] == MAX_MODEL_LEN + 1
 
 
@@ -372,12 +541,21 @@ def test_older_reasoning_content_field_is_accepted(make_fake):
 
 
 def test_an_immediate_stop_with_empty_text_is_accepted(fake):
+    prompt = recorded_usage()["prompt_tokens"]
+
     def stop_at_once(body: Any) -> None:
         body["choices"][0]["message"].update(content="", reasoning=None)
         body["choices"][0]["finish_reason"] = "stop"
-        body["usage"].update(completion_tokens=1, total_tokens=15)
+        body["usage"].update(completion_tokens=1, total_tokens=prompt + 1)
 
     fake.mutate["chat_completion.json"] = stop_at_once
+    assert probe(fake.url, "chat")["chat"].ok
+
+
+def test_recorded_noise_with_control_characters_is_generated_text(fake):
+    """Random-weight test models answer noise (control characters, U+FFFD): still text."""
+    reasoning = recording().json("chat_completion.json")["choices"][0]["message"]["reasoning"]
+    assert any(ord(c) < 0x20 or c == "\ufffd" for c in reasoning)
     assert probe(fake.url, "chat")["chat"].ok
 
 
@@ -389,7 +567,8 @@ def test_wrong_model_lists_served_ids_and_chat_reports_404(fake):
     assert not results["models"].ok
     assert results["models"].detail == 'expected model "Qwen3-14B" in /v1/models, got ids: Qwen3-8B'
     chat = results["chat"].detail
-    assert "expected HTTP 200, got 404" in chat and "Qwen3-14B" in chat
+    assert "expected HTTP 200, got 404" in chat
+    assert "NotFoundError: The model `Qwen3-14B` does not exist" in chat
 
 
 def test_max_model_len_mismatch(fake):
@@ -406,28 +585,33 @@ def test_chat_answering_for_another_model_fails(fake):
 
 
 def test_inconsistent_usage_fails_chat(fake):
-    fake.mutate["chat_completion.json"] = lambda b: b["usage"].update(total_tokens=99)
+    u = recorded_usage()
+    fake.mutate["chat_completion.json"] = lambda b: b["usage"].update(total_tokens=999)
     detail = probe(fake.url, "chat")["chat"].detail
-    assert "total_tokens == prompt_tokens + completion_tokens (14 + 32 = 46), got 99" in detail
+    p, c = u["prompt_tokens"], u["completion_tokens"]
+    assert f"total_tokens == prompt_tokens + completion_tokens ({p} + {c} = {p + c}), got 999" in (
+        detail
+    )
 
 
 def test_more_tokens_than_asked_fails_chat(fake):
+    p = recorded_usage()["prompt_tokens"]
     fake.mutate["chat_completion.json"] = lambda b: b["usage"].update(
-        completion_tokens=40, total_tokens=54
+        completion_tokens=40, total_tokens=p + 40
     )
     detail = probe(fake.url, "chat")["chat"].detail
     assert "completion_tokens <= max_tokens 32, got 40" in detail
 
 
 def test_inconsistent_usage_fails_stream(fake):
-    fake.stream_events = edit_chunks(lambda chunks: chunks[-1]["usage"].update(total_tokens=40))
+    fake.stream_events = edit_chunks(lambda chunks: chunks[-1]["usage"].update(total_tokens=999))
     result = probe(fake.url, "chat_stream")["chat_stream"]
     assert not result.ok
-    assert "final chunk usage.total_tokens" in result.detail and "got 40" in result.detail
+    assert "final chunk usage.total_tokens" in result.detail and "got 999" in result.detail
 
 
 def engine_dead(fake: FakeVLLM) -> Handler:
-    return lambda request, raw: fake.reply(500, "error_engine_dead.json")
+    return lambda request, raw: fake.reply("error_engine_dead.json")
 
 
 def test_engine_error_500_fails_chat_with_the_server_message(fake):
@@ -510,7 +694,7 @@ def test_stream_cut_midway_fails(fake):
 
 
 def test_stream_answered_as_plain_json_fails(fake):
-    fake.routes["POST /v1/chat/completions"] = lambda r, b: fake.reply(200, "chat_completion.json")
+    fake.routes["POST /v1/chat/completions"] = lambda r, b: fake.reply("chat_completion.json")
     results = probe(fake.url, "chat", "chat_stream")
     assert results["chat"].ok
     assert "expected Content-Type text/event-stream, got application/json" in (
@@ -549,7 +733,7 @@ def test_server_wanting_a_key_fails_every_v1_probe(make_fake):
 
 
 def test_401_everywhere(fake):
-    fake.routes["*"] = lambda r, b: fake.reply(401, "unauthorized.json")
+    fake.routes["*"] = lambda r, b: fake.reply("unauthorized.json")
     results = probe(fake.url, "health", "models", "chat")
     assert results["health"].detail == "GET /health: expected HTTP 200, got 401: Unauthorized"
     assert results["models"].detail == AUTH_REQUIRED
@@ -595,19 +779,22 @@ def test_bad_json_error_must_be_json(fake):
 
 
 def test_unknown_model_with_wrong_status_or_message_fails(fake):
-    fake.routes["POST /v1/chat/completions"] = lambda r, b: fake.reply(400, "error_bad_json.json")
+    fake.routes["POST /v1/chat/completions"] = lambda r, b: fake.reply("error_bad_json.json")
     detail = probe(fake.url, "error_unknown_model")["error_unknown_model"].detail
     assert "expected HTTP 404, got 400" in detail
 
+    def another_name(err: Any) -> None:
+        err["error"]["message"] = err["error"]["message"].replace(UNKNOWN_MODEL, "nope")
+
     fake.routes["POST /v1/chat/completions"] = lambda r, b: fake.reply(
-        404, "error_unknown_model.json"
+        "error_unknown_model.json", another_name
     )
     detail = probe(fake.url, "error_unknown_model")["error_unknown_model"].detail
     assert "expected the error message to name the model 'servekit-probe-no-such-model'" in detail
 
 
 def test_max_tokens_over_the_limit_accepted_fails(fake):
-    fake.routes["POST /v1/chat/completions"] = lambda r, b: fake.reply(200, "chat_completion.json")
+    fake.routes["POST /v1/chat/completions"] = lambda r, b: fake.reply("chat_completion.json")
     detail = probe(fake.url, "error_max_tokens")["error_max_tokens"].detail
     assert "expected HTTP 400, got 200" in detail
 
@@ -620,7 +807,7 @@ def test_version_must_be_json(fake):
 
 def test_metrics_for_another_model_fail(fake):
     fake.routes["GET /metrics"] = lambda r, b: web.Response(
-        text=load("metrics.txt").replace("Qwen3-8B", "Other-1B")
+        text=recording().text("metrics.txt").replace("Qwen3-8B", "Other-1B")
     )
     detail = probe(fake.url, "metrics")["metrics"].detail
     assert detail == (
@@ -635,23 +822,33 @@ def test_metrics_without_vllm_series_fail(fake):
 
 
 def test_tokenize_count_mismatch_fails(fake):
-    fake.mutate["tokenize.json"] = lambda b: b.update(count=15, tokens=[*b["tokens"], 1])
+    count = recording().json("tokenize.json")["count"]
+    fake.mutate["tokenize.json"] = lambda b: b.update(count=count + 1, tokens=[*b["tokens"], 1])
     detail = probe(fake.url, "tokenize")["tokenize"].detail
-    assert "got count 15 vs prompt_tokens 14" in detail
+    assert f"got count {count + 1} vs prompt_tokens {count}" in detail
 
 
-def test_reasoning_with_deepseek_r1_parser_fails_thinking_off(make_fake):
-    server = make_fake(parser="deepseek_r1")
-    detail = probe(server.url, "reasoning", reasoning_parser="deepseek_r1")["reasoning"].detail
+def test_recorded_deepseek_r1_server_fails_only_reasoning(make_fake):
+    """The parser many tutorials use: with thinking off, Qwen3's answer lands in reasoning."""
+    server = make_fake(server="deepseek_r1")
+    run = run_probes(
+        server.url, MODEL, max_model_len=MAX_MODEL_LEN, reasoning_parser="deepseek_r1", timeout=10
+    )
+    assert [r.name for r in run.results if r.failed] == ["reasoning"]
+    detail = next(r.detail for r in run.results if r.name == "reasoning")
+    assert detail.startswith("thinking off (enable_thinking false): expected the answer in content")
     assert "got content null and reasoning" in detail
     assert "--reasoning-parser qwen3" in detail
-    assert bodies(server, "/v1/chat/completions")[-1]["chat_template_kwargs"] == {
-        "enable_thinking": False
-    }
+    kwargs = [
+        b["chat_template_kwargs"]
+        for b in bodies(server, "/v1/chat/completions")
+        if "chat_template_kwargs" in b
+    ]
+    assert kwargs == [{"enable_thinking": False}]
 
 
 def test_reasoning_without_parser_on_the_server_fails(make_fake):
-    server = make_fake(parser=None)
+    server = make_fake(server="no_parser")
     detail = probe(server.url, "reasoning", reasoning_parser="qwen3")["reasoning"].detail
     assert detail.startswith("thinking on: expected a non-empty reasoning")
     assert "--reasoning-parser qwen3" in detail
@@ -664,7 +861,7 @@ def test_concurrency_reports_partial_failures(fake):
         count["n"] += 1
         if count["n"] % 2:
             return json_reply(503, {"error": {"message": "busy", "type": "ServiceUnavailable"}})
-        return fake.reply(200, "chat_completion.json")
+        return fake.reply("chat_completion.json")
 
     fake.routes["POST /v1/chat/completions"] = flaky
     detail = probe(fake.url, "concurrency")["concurrency"].detail

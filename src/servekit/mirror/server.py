@@ -12,7 +12,8 @@ Routes:
 - ``GET /api/v1/models/{owner}/{name}/repo?Revision=&FilePath=``: one file;
 - ``GET /api/v1/models/{owner}/{name}/revisions``: a single ``master`` branch;
 - ``GET /api/v1/models/{owner}/{name}``: basic model information;
-- ``GET /healthz``: 200 ``ok`` once the start-up hashing pass is done, 503 before.
+- ``GET /healthz``: 200 ``ok`` once the start-up hashing pass is done, 503 before;
+- ``GET /servekit/stats``: what the mirror has sent since it started, per file (JSON).
 
 Every revision name is accepted and served from the one stored copy; the listing echoes it.
 """
@@ -33,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
+from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 
 from servekit.mirror.store import BadPath, FileEntry, HashCache, ModelStore, clean_relpath
 
@@ -54,11 +55,28 @@ _MIRROR: web.AppKey[Mirror] = web.AppKey("mirror")
 
 
 class _IdentityFileResponse(web.FileResponse):
-    """FileResponse that always sends the file itself.
+    """FileResponse that always sends the file itself, and counts what it sent.
 
     aiohttp's FileResponse substitutes a sibling ``NAME.gz`` or ``NAME.br`` when the client
     accepts that encoding; in a model repository such a sibling is a different file of its own.
     """
+
+    def __init__(self, path: Path, *, chunk_size: int, stats: ServedStats, stats_key: str):
+        super().__init__(path, chunk_size=chunk_size)
+        self._stats = stats
+        self._stats_key = stats_key
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        # FileResponse sends the whole body (sendfile) inside prepare().
+        try:
+            writer = await super().prepare(request)
+        except BaseException:
+            self._stats.record(self._stats_key, 0, complete=False)
+            raise
+        has_body = request.method == "GET" and self.status in (200, 206)
+        sent = (self.content_length or 0) if has_body else 0
+        self._stats.record(self._stats_key, sent, complete=True)
+        return writer
 
     def _get_file_path_stat_encoding(
         self, accept_encoding: str
@@ -90,6 +108,36 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
+class ServedStats:
+    """What the mirror has sent since it started, per file: ``GET /servekit/stats``.
+
+    Per file ``owner/name/path``: ``requests`` (file requests answered), ``bytes`` (body bytes
+    of the responses handed to the kernel in full: the whole file for a 200, the range for a
+    206) and ``aborted`` (responses cut off, e.g. when the client went away; the bytes that
+    did go out before that are not known exactly and are not counted).
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[str, int]] = {}
+
+    def record(self, key: str, sent: int, *, complete: bool) -> None:
+        entry = self.files.setdefault(key, {"requests": 0, "bytes": 0, "aborted": 0})
+        entry["requests"] += 1
+        if complete:
+            entry["bytes"] += sent
+        else:
+            entry["aborted"] += 1
+
+    def snapshot(self) -> dict[str, object]:
+        files = {key: dict(value) for key, value in sorted(self.files.items())}
+        return {
+            "requests": sum(f["requests"] for f in files.values()),
+            "bytes": sum(f["bytes"] for f in files.values()),
+            "aborted": sum(f["aborted"] for f in files.values()),
+            "files": files,
+        }
+
+
 class Mirror:
     """State shared by the handlers: the store, the hash cache and the hashing threads."""
 
@@ -103,6 +151,7 @@ class Mirror:
         self.ready = False
         self.warm_progress = (0, 0)
         self.hashed = 0  # files read and hashed since start (cache misses)
+        self.stats = ServedStats()
 
     async def sha256(self, owner: str, name: str, entry: FileEntry) -> str:
         """The file's SHA-256: from the cache, or computed in a hashing thread.
@@ -327,7 +376,12 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     entry = await loop.run_in_executor(None, mirror.store.file, model_dir, relpath)
     if entry is None:
         return _error(404, f"file {relpath} not found in model {owner}/{name}")
-    return _IdentityFileResponse(entry.abspath, chunk_size=1024 * 1024)
+    return _IdentityFileResponse(
+        entry.abspath,
+        chunk_size=1024 * 1024,
+        stats=mirror.stats,
+        stats_key=HashCache.key(owner, name, relpath),
+    )
 
 
 def commit_id(listing: list[tuple[FileEntry, str]]) -> str:
@@ -365,6 +419,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(status=503, text=f"starting: hashed {done} of {total} files\n")
 
 
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_MIRROR].stats.snapshot())
+
+
 def make_app(root: Path, *, hash_workers: int | None = None) -> web.Application:
     """The mirror application serving the models under ``root``.
 
@@ -380,6 +438,7 @@ def make_app(root: Path, *, hash_workers: int | None = None) -> web.Application:
     app.router.add_get(f"{base}/revisions", revisions)
     app.router.add_get(base, model_info)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/servekit/stats", stats)
 
     async def warm() -> None:
         try:

@@ -1,0 +1,569 @@
+"""`servekit verify` without a deployment: inventory parsing (real `ansible-inventory` on temp
+inventories), host checks run in parallel (real pytest-testinfra processes on local hosts),
+JUnit parsing and merging, probe grouping, the verify.json report, and the helpers the host
+checks use to read the vLLM unit (against the unit the role renders).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import textwrap
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from ansible.parsing.dataloader import DataLoader
+from ansible.template import Templar, trust_as_template
+
+from servekit import verify
+from servekit.inventory import API_KEY_ENV, ProbeTarget, group_hosts, is_unresolved, probe_targets
+from servekit.probe import ProbeResult, ProbeRun
+from servekit.verify import (
+    HostChecks,
+    HostTest,
+    VerifyResult,
+    check_hosts,
+    host_checks_as_runs,
+    host_checks_rc,
+    parse_junit,
+    probe_all,
+    to_verify_json,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_inventory(tmp_path: Path, hosts_yml: str, group_vars: str = "") -> Path:
+    inv = tmp_path / "inventory"
+    (inv / "group_vars").mkdir(parents=True)
+    (inv / "hosts.yml").write_text(textwrap.dedent(hosts_yml))
+    if group_vars:
+        (inv / "group_vars" / "gpu_hosts.yml").write_text(textwrap.dedent(group_vars))
+    return inv / "hosts.yml"
+
+
+# A vault value as `ansible-vault encrypt_string` writes it (ansible-inventory does not
+# decrypt it without a vault password; it passes it on as {"__ansible_vault": ...}).
+VAULT_VALUE = """!vault |
+          $ANSIBLE_VAULT;1.1;AES256
+          63363765343734383533333534646337306565396332386335613864333761383536303435333063
+          3533333863363165386434376639656161366164386365390a376136633963346432643439323536
+          35616631386134313466343030353966363865643138343062323331353832303937363432353832
+          3463366665613766370a653838646263613866373735386437353161626264636533363933356334
+          3864"""
+
+
+@pytest.fixture
+def fleet(tmp_path) -> Path:
+    return write_inventory(
+        tmp_path,
+        """
+        all:
+          children:
+            gpu_hosts:
+              children:
+                rack_a:
+                  hosts:
+                    gpu-01: {ansible_host: 10.0.0.1}
+                    gpu-02:
+                      ansible_host: 10.0.0.2
+                      vllm_service_api_key: plain-key
+                      vllm_service_reasoning_parser: ""
+                rack_b:
+                  hosts:
+                    gpu-03:
+                      ansible_host: 10.0.0.3
+                      vllm_service_bind_address: 10.1.0.3
+                      vllm_service_port: 9000
+                      vllm_service_api_key: "{{ vault_vllm_service_api_key }}"
+                      servekit_probe_url: "http://{{ vllm_service_bind_address }}:{{ port_var }}"
+                    gpu-04:
+                      ansible_host: 10.0.0.4
+                      vllm_service_api_key: ""
+            other:
+              hosts:
+                web-01: {}
+        """,
+        f"""
+        vllm_service_served_model_name: Qwen3-8B
+        vllm_service_max_model_len: 4096
+        vllm_service_api_key: {VAULT_VALUE}
+        servekit_probe_url: "http://{{{{ ansible_host }}}}:8000"
+        """,
+    )
+
+
+def test_inventory_targets_resolve_what_they_can(fleet):
+    targets = {t.host: t for t in probe_targets(fleet, env={})}
+    assert list(targets) == ["gpu-01", "gpu-02", "gpu-03", "gpu-04"]  # child groups, in order
+    one, two, three, four = targets.values()
+    # a simple reference to a plain variable is resolved
+    assert one.url == "http://10.0.0.1:8000"
+    assert (one.model, one.max_model_len, one.reasoning_parser) == ("Qwen3-8B", 4096, "qwen3")
+    # the group's vault value is unknown here, and no SERVEKIT_API_KEY is set
+    assert (one.api_key, one.api_key_source) == (None, "unresolved")
+    # a plain host value wins over the group's; "" means no reasoning parser
+    assert (two.api_key, two.api_key_source) == ("plain-key", "inventory")
+    assert two.reasoning_parser is None
+    # a URL that stays a template falls back to the bind address and port
+    assert three.url == "http://10.1.0.3:9000"
+    assert (three.api_key, three.api_key_source) == (None, "unresolved")
+    # an empty key means the server has none
+    assert (four.api_key, four.api_key_source) == (None, "none")
+
+
+def test_inventory_api_key_comes_from_the_environment_for_templates_and_vault(fleet):
+    env = {API_KEY_ENV: "sk-from-env"}
+    targets = {t.host: t for t in probe_targets(fleet, env=env)}
+    assert (targets["gpu-01"].api_key, targets["gpu-01"].api_key_source) == ("sk-from-env", "env")
+    assert (targets["gpu-03"].api_key, targets["gpu-03"].api_key_source) == ("sk-from-env", "env")
+    assert targets["gpu-02"].api_key == "plain-key"  # a plain value is not overridden
+    assert (targets["gpu-04"].api_key, targets["gpu-04"].api_key_source) == (None, "none")
+
+
+def test_inventory_group_hosts_and_the_shipped_inventories(fleet):
+    assert group_hosts(fleet, "other") == ["web-01"]
+    assert group_hosts(fleet, "missing") == []
+    (sandbox,) = probe_targets(ROOT / "inventory" / "sandbox" / "hosts.yml", env={})
+    assert sandbox == ProbeTarget(
+        "sandbox-1", "http://127.0.0.1:8000", "Qwen3-8B", None, 8192, "qwen3", "none"
+    )
+    example = probe_targets(ROOT / "inventory" / "example" / "hosts.yml", env={})
+    assert [(t.host, t.url, t.api_key_source) for t in example] == [
+        ("gpu-01", "http://10.20.0.11:8000", "unresolved"),
+        ("gpu-02", "http://10.20.0.12:8000", "unresolved"),
+    ]
+
+
+def test_is_unresolved():
+    assert is_unresolved("{{ x }}") and is_unresolved("{% if x %}y{% endif %}")
+    assert is_unresolved({"__ansible_vault": "$ANSIBLE_VAULT;1.1;AES256\n00"})
+    assert is_unresolved("$ANSIBLE_VAULT;1.1;AES256\n00")
+    assert not is_unresolved("sk-123") and not is_unresolved(8000) and not is_unresolved(None)
+
+
+# ---------------------------------------------------------------------- host checks, for real
+
+HOST_TESTS = """
+import time
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def name(host):
+    return host.ansible.get_variables()["inventory_hostname"]
+
+
+@pytest.fixture(scope="module")
+def broken(name):
+    assert name != "web-2", f"expected a working fixture on {name}, got a broken one"
+
+
+def test_reaches_the_host(host, name):
+    stamps = host.ansible.get_variables()["stamps"]
+    start = time.time()
+    time.sleep(1.0)
+    assert host.run("true").rc == 0
+    with open(f"{stamps}/{name}", "w") as f:
+        f.write(f"{start} {time.time()}")
+
+
+def test_role(host, name):
+    role = host.ansible.get_variables()["role"]
+    assert role == "web", f"expected role web on {name}, got {role}"
+
+
+def test_gpu(host):
+    pytest.skip("not a GPU host")
+
+
+def test_fixture(broken):
+    pass
+"""
+
+
+@pytest.fixture
+def local_fleet(tmp_path) -> tuple[Path, Path]:
+    (tmp_path / "stamps").mkdir()
+    inventory = write_inventory(
+        tmp_path,
+        f"""
+        all:
+          vars:
+            stamps: {tmp_path / "stamps"}
+          children:
+            gpu_hosts:
+              hosts:
+                web-1: {{ansible_connection: local, role: web}}
+                web-2: {{ansible_connection: local, role: db}}
+        """,
+    )
+    tests = tmp_path / "checks"
+    tests.mkdir()
+    (tests / "test_checks.py").write_text(HOST_TESTS)
+    return inventory, tests
+
+
+def test_host_checks_run_per_host_in_parallel_and_report_each(local_fleet, tmp_path, capsys):
+    inventory, tests = local_fleet
+    reports = tmp_path / "reports"
+    results = check_hosts(["web-1", "web-2"], inventory, reports, tests=tests, cwd=tmp_path)
+    one, two = results
+    assert [one.host, two.host] == ["web-1", "web-2"]
+    # the two hosts' checks ran at the same time: their one-second tests overlap
+    spans = [
+        [float(x) for x in (tmp_path / "stamps" / h).read_text().split()]
+        for h in ("web-1", "web-2")
+    ]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+
+    assert one.ok and one.rc == 0
+    assert [(t.name, t.status) for t in one.tests] == [
+        ("test_checks.py::test_reaches_the_host", "PASS"),
+        ("test_checks.py::test_role", "PASS"),
+        ("test_checks.py::test_gpu", "SKIP"),
+        ("test_checks.py::test_fixture", "PASS"),
+    ]
+    assert one.counts == {"PASS": 3, "FAIL": 0, "SKIP": 1}
+    assert one.tests[2].detail == "not a GPU host"
+
+    assert not two.ok and two.rc == 1
+    by_name = {t.name.split("::")[1]: t for t in two.tests}
+    assert by_name["test_role"].status == "FAIL"
+    assert by_name["test_role"].detail == "expected role web on web-2, got db"
+    assert by_name["test_fixture"].status == "FAIL"
+    assert by_name["test_fixture"].detail == (
+        "error in setup: expected a working fixture on web-2, got a broken one"
+    )
+    assert "test_role" in two.output  # pytest's own output is kept for the log
+    assert host_checks_rc(results) == 1
+    out = capsys.readouterr().out
+    assert "web-1: ok (3 passed, 0 failed, 1 skipped" in out
+    assert "web-2: FAILED (1 passed, 2 failed, 1 skipped; pytest exit 1)" in out
+
+    merged = ET.parse(reports / "hosts.junit.xml").getroot()
+    assert merged.tag == "testsuites"
+    assert [s.get("name") for s in merged.findall("testsuite")] == ["web-1", "web-2"]
+    assert (merged.get("tests"), merged.get("failures"), merged.get("errors")) == ("8", "1", "1")
+    assert merged.get("skipped") == "2"
+    props = merged.find("testsuite/properties")
+    assert props is not None
+    assert {p.get("name"): p.get("value") for p in props} == {"host": "web-1"}
+
+
+def test_a_host_whose_checks_cannot_run_is_reported_with_the_output(local_fleet, tmp_path):
+    inventory, tests = local_fleet
+    (tests / "test_checks.py").write_text("import no_such_module\n")
+    reports = tmp_path / "reports"
+    (result,) = check_hosts(["web-1"], inventory, reports, tests=tests, cwd=tmp_path)
+    assert not result.ok and result.rc != 0
+    merged = ET.parse(reports / "hosts.junit.xml").getroot()
+    assert merged.get("errors") == "1"
+    (run,) = host_checks_as_runs([result])
+    assert run.results and run.results[0].failed
+    assert "no_such_module" in json.dumps([r.detail for r in run.results])
+
+
+def test_no_hosts_is_a_failure(tmp_path):
+    assert check_hosts([], tmp_path / "none.yml", tmp_path) == []
+    assert host_checks_rc([]) == 5
+    assert ET.parse(tmp_path / "hosts.junit.xml").getroot().get("tests") == "0"
+
+
+# ---------------------------------------------------------------------- JUnit parsing
+
+PYTEST_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites name="pytest tests"><testsuite name="pytest" errors="1" failures="1" skipped="1"
+ tests="5" time="3.1" hostname="ctl">
+<testcase classname="tests.infra.test_host"
+ name="test_docker_is_active_and_enabled[ansible://gpu-01]" time="0.120" />
+<testcase classname="tests.infra.test_host"
+ name="test_env_file_is_private[ansible://gpu-01]" time="0.050">
+ <failure message="AssertionError: expected /etc/vllm/vllm.env mode 0o600, got 0o644&#10;assert 4"
+ >long traceback</failure></testcase>
+<testcase classname="tests.infra.test_gpu"
+ name="test_driver_version_is_pinned[ansible://gpu-01]" time="0.001">
+ <skipped type="pytest.skip" message="servekit_accelerator is 'cpu': not a GPU host"
+ >test_gpu.py:88: servekit_accelerator is 'cpu'</skipped></testcase>
+<testcase classname="tests.infra.test_host"
+ name="test_teardown_breaks[ansible://gpu-01]" time="0.300" />
+<testcase classname="tests.infra.test_host"
+ name="test_teardown_breaks[ansible://gpu-01]" time="0.010">
+ <error message="failed on teardown with &quot;Failed: cleanup broke&quot;">tb</error></testcase>
+<testcase classname="tests.infra.test_host" name="test_param[ansible://gpu-01-a]"
+ time="0.010" />
+</testsuite></testsuites>
+"""
+
+
+def test_parse_junit_statuses_messages_and_names():
+    tests = parse_junit(PYTEST_JUNIT, host="gpu-01")
+    assert [(t.name, t.status, t.detail) for t in tests] == [
+        ("test_host.py::test_docker_is_active_and_enabled", "PASS", ""),
+        (
+            "test_host.py::test_env_file_is_private",
+            "FAIL",
+            "expected /etc/vllm/vllm.env mode 0o600, got 0o644",
+        ),
+        (
+            "test_gpu.py::test_driver_version_is_pinned",
+            "SKIP",
+            "servekit_accelerator is 'cpu': not a GPU host",
+        ),
+        ("test_host.py::test_teardown_breaks", "FAIL", "error in teardown: cleanup broke"),
+        ("test_host.py::test_param[a]", "PASS", ""),
+    ]
+    assert tests[3].seconds == pytest.approx(0.31)
+    # without the host, the whole id goes
+    assert parse_junit(PYTEST_JUNIT)[-1].name == "test_host.py::test_param"
+
+
+def test_parse_junit_reads_a_file(tmp_path):
+    path = tmp_path / "h.xml"
+    path.write_text(PYTEST_JUNIT)
+    assert len(parse_junit(path, "gpu-01")) == 5
+
+
+# ---------------------------------------------------------------------- probes, grouped
+
+
+def test_probe_all_groups_targets_that_agree_and_keeps_the_order(monkeypatch):
+    calls: list[tuple[list, str | None, str]] = []
+    threads: set[int] = set()
+    lock = threading.Lock()
+
+    def fake_probe_targets(pairs, model, api_key=None, **kwargs):
+        with lock:
+            calls.append((pairs, api_key, model))
+            threads.add(threading.get_ident())
+        time.sleep(0.2)
+        return [ProbeRun(name, url, model=model) for name, url in pairs]
+
+    monkeypatch.setattr(verify, "probe_targets", fake_probe_targets)
+    targets = [
+        ProbeTarget("a", "http://a:8000", "Qwen3-8B", "k1", 8192, "qwen3"),
+        ProbeTarget("b", "http://b:8000", "Qwen3-8B", "k2", 8192, "qwen3"),
+        ProbeTarget("c", "http://c:8000", "Qwen3-8B", "k1", 8192, "qwen3"),
+    ]
+    start = time.monotonic()
+    runs = probe_all(targets)
+    assert time.monotonic() - start < 0.35  # the two groups ran side by side
+    assert [r.target for r in runs] == ["a", "b", "c"]
+    assert sorted((tuple(n for n, _ in pairs), key) for pairs, key, _ in calls) == [
+        (("a", "c"), "k1"),
+        (("b",), "k2"),
+    ]
+    assert len(threads) == 2
+    assert probe_all([]) == []
+
+
+# ---------------------------------------------------------------------- verify.json
+
+
+def sample_result() -> VerifyResult:
+    good = HostChecks(
+        "gpu-01",
+        0,
+        [
+            HostTest("test_host.py::test_docker_is_active_and_enabled", "PASS", 0.1),
+            HostTest("test_gpu.py::test_driver_version_is_pinned", "SKIP", 0.0, "not a GPU host"),
+        ],
+        seconds=4.2,
+    )
+    bad = HostChecks(
+        "gpu-02",
+        1,
+        [HostTest("test_host.py::test_env_file_is_private", "FAIL", 0.1, "expected 0o600")],
+        seconds=3.9,
+    )
+    runs = [
+        ProbeRun(
+            "gpu-01",
+            "http://10.0.0.1:8000",
+            [ProbeResult("health", True, "HTTP 200", 0.01)],
+            model="Qwen3-8B",
+        ),
+        ProbeRun(
+            "gpu-02",
+            "http://10.0.0.2:8000",
+            [ProbeResult("health", True, "HTTP 200", 0.01)],
+            model="Qwen3-8B",
+        ),
+    ]
+    return VerifyResult(host_checks_rc([good, bad]), runs, [good, bad])
+
+
+def test_verify_json_has_host_checks_and_probes_per_host(tmp_path):
+    result = sample_result()
+    assert not result.ok and result.host_checks_rc == 1
+    report = to_verify_json(result, "inventory/site/hosts.yml", "gpu_hosts", "2026-01-01T00:00:00")
+    assert report["ok"] is False
+    assert (report["hosts_ok"], report["hosts_total"]) == (1, 2)
+    assert (report["inventory"], report["group"]) == ("inventory/site/hosts.yml", "gpu_hosts")
+    one, two = report["hosts"]["gpu-01"], report["hosts"]["gpu-02"]
+    assert one["ok"] is True and two["ok"] is False
+    assert one["host_checks"] == {
+        "ok": True,
+        "rc": 0,
+        "seconds": 4.2,
+        "counts": {"PASS": 1, "FAIL": 0, "SKIP": 1},
+        "tests": [
+            {
+                "name": "test_host.py::test_docker_is_active_and_enabled",
+                "status": "PASS",
+                "seconds": 0.1,
+                "detail": "",
+            },
+            {
+                "name": "test_gpu.py::test_driver_version_is_pinned",
+                "status": "SKIP",
+                "seconds": 0.0,
+                "detail": "not a GPU host",
+            },
+        ],
+    }
+    assert one["probes"]["ok"] is True
+    assert one["probes"]["base_url"] == "http://10.0.0.1:8000"
+    assert one["probes"]["results"][0]["status"] == "PASS"
+    assert two["host_checks"]["tests"][0]["detail"] == "expected 0o600"
+    assert two["probes"]["ok"] is True  # probes passed, host checks did not
+
+    path = verify.write_verify_json(result, tmp_path, "inv.yml", "gpu_hosts")
+    assert path == tmp_path / "verify.json"
+    assert json.loads(path.read_text())["hosts"]["gpu-02"]["host_checks"]["rc"] == 1
+
+
+def test_verify_json_for_a_host_without_probes_or_checks():
+    result = VerifyResult(0, [ProbeRun("only-probed", "http://x", [])], [])
+    report = to_verify_json(result)
+    assert report["hosts"]["only-probed"]["host_checks"] is None
+    assert report["hosts"]["only-probed"]["ok"] is False
+    assert report["ok"] is False
+
+
+def test_host_checks_render_as_a_table_per_host():
+    from servekit.probe.report import render_table
+
+    text = render_table(host_checks_as_runs(sample_result().hosts), color=False, width=100)
+    assert "gpu-01  host checks" in text
+    assert "test_docker_is_active_and_enabled  PASS" in text
+    assert "test_driver_version_is_pinned" in text and "SKIP" in text
+    assert "gpu-02: FAIL  0 passed, 1 failed, 0 skipped" in text
+
+
+def test_run_verify_writes_every_report(monkeypatch, tmp_path, capsys):
+    result = sample_result()
+    monkeypatch.setattr(verify, "group_hosts", lambda inv, group: ["gpu-01", "gpu-02"])
+    monkeypatch.setattr(verify, "check_hosts", lambda *a, **k: result.hosts)
+    monkeypatch.setattr(verify, "inventory_targets", lambda inv, group: [])
+    monkeypatch.setattr(verify, "probe_all", lambda targets, timeout: result.runs)
+    got = verify.run_verify(Path("inv.yml"), tmp_path, "gpu_hosts")
+    assert not got.ok and got.host_checks_rc == 1
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "verify.json",
+        "probes.json",
+        "probes.junit.xml",
+    }
+    out = capsys.readouterr().out
+    assert "==> verify FAILED" in out
+    assert "host checks of gpu-02 (pytest output)" in out
+
+
+# ---------------------------------------------------------------------- host-check helpers
+
+
+def infra_conftest():
+    spec = importlib.util.spec_from_file_location(
+        "servekit_infra_conftest", ROOT / "tests" / "infra" / "conftest.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_unit(**extra) -> str:
+    """vllm.service as the vllm_service role writes it."""
+    role = ROOT / "ansible" / "roles" / "vllm_service"
+    loader = DataLoader()
+    variables: dict = {}
+    for part in ("defaults", "vars"):
+        variables.update(
+            loader.load_from_file(str(role / part / "main.yml"), trusted_as_template=True) or {}
+        )
+    variables.update(ansible_managed="Ansible managed", **extra)
+    templar = Templar(loader=loader, variables=variables)
+    source = (role / "templates" / "vllm.service.j2").read_text()
+    overrides = {"trim_blocks": True, "lstrip_blocks": False, "newline_sequence": "\n"}
+    return templar.template(
+        trust_as_template(source), escape_backslashes=False, overrides=overrides
+    )
+
+
+SANDBOX_IMAGE = (
+    "servekit-control:5000/servekit/vllm-cpu@sha256:"
+    "ca2620f09165ef96b8d0550b6d8530e0519bd85955acba5253d5a32fc0a17416"
+)
+
+
+def test_the_unit_image_and_gpu_arguments_are_read_from_exec_start():
+    c = infra_conftest()
+    sandbox = c.exec_start_args(
+        render_unit(
+            servekit_accelerator="cpu",
+            vllm_service_image=SANDBOX_IMAGE,
+            vllm_service_bind_address="0.0.0.0",
+            vllm_service_extra_args=["--enable-prefix-caching"],
+        )
+    )
+    assert sandbox[:2] == ["/usr/bin/docker", "run"]
+    assert c.image_of(sandbox) == SANDBOX_IMAGE
+    assert c.gpu_args_of(sandbox) == []
+    assert "--ipc=host" in sandbox
+
+    gpu = c.exec_start_args(render_unit(servekit_accelerator="gpu"))
+    default_image = "docker.io/vllm/vllm-openai:v0.13.0@sha256:" + (
+        "7b5cf896b0105374bebb974c0529d47913364f33161c5ca155452f1e29e96ee1"
+    )
+    assert c.image_of(gpu) == default_image
+    assert c.gpu_args_of(gpu) == ["--gpus", "all"]
+    cdi = c.exec_start_args(
+        render_unit(
+            servekit_accelerator="gpu",
+            servekit_container_gpu_args=["--device", "nvidia.com/gpu=all"],
+            vllm_service_shm_size="16g",
+        )
+    )
+    assert c.gpu_args_of(cdi) == ["--device", "nvidia.com/gpu=all"]
+    assert c.image_of(cdi) == default_image
+
+
+def test_image_references_compare_the_way_repo_digests_show_them():
+    c = infra_conftest()
+    digest = "sha256:" + "7b5cf896b0105374bebb974c0529d47913364f33161c5ca155452f1e29e96ee1"
+    configured = c.split_image(f"docker.io/vllm/vllm-openai:v0.13.0@{digest}")
+    assert configured == ("vllm/vllm-openai", "v0.13.0", digest)
+    assert c.split_image(f"vllm/vllm-openai@{digest}")[::2] == configured[::2]
+    assert c.split_image("docker.io/library/ubuntu:24.04") == ("ubuntu", "24.04", None)
+    assert c.split_image(SANDBOX_IMAGE) == (
+        "servekit-control:5000/servekit/vllm-cpu",
+        None,
+        SANDBOX_IMAGE.split("@")[1],
+    )
+
+
+def test_role_defaults_feed_the_host_checks():
+    c = infra_conftest()
+    defaults = c.role_defaults()
+    assert defaults["nvidia_driver_version"] == "580.126.20"
+    assert defaults["nvidia_container_toolkit_version"] == "1.19.1"
+    assert defaults["vllm_service_port"] == 8000
+    assert "vllm_service_model_path" not in defaults  # a template: unknown without Ansible
+    assert c.redact("ExecStart=x --api-key sk-1", "sk-1") == "ExecStart=x --api-key <API key>"
+    assert c.redact("x --api-key=abc VLLM_API_KEY=def", None) == (
+        "x --api-key=<redacted> VLLM_API_KEY=<redacted>"
+    )
