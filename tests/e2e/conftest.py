@@ -40,3 +40,8 @@ def pytest_terminal_summary(terminalreporter):
         healthy = "-" if row["healthy_s"] is None else f"{row['healthy_s']:.1f} s"
         tr.write_line(f"{row['fault']:<44} {detected:>15} {healthy:>20}  {row['data_lost']}")
     tr.write_line(f"(also in {report})")
+
+
+def pytest_collection_modifyitems(items):
+    """The sandbox lifecycle module ends with `down()`: run it after every deployment test."""
+    items.sort(key=lambda item: item.path.name == "test_sandbox_host.py")

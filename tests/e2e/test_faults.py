@@ -61,8 +61,12 @@ def unit_property(name: str) -> str:
 
 @pytest.fixture
 def serving(deployment):
-    """Each fault starts from a healthy server and must leave one."""
-    wait_for(healthy, "healthy before the fault", START_BUDGET_S)
+    """Each fault starts from a healthy, started server and must leave one."""
+    wait_for(
+        lambda: healthy() and unit_property("ActiveState") == "active",
+        "healthy and started before the fault",
+        START_BUDGET_S,
+    )
     files = model_manifest()
     yield files
     wait_for(healthy, "healthy after the fault", START_BUDGET_S)
@@ -192,19 +196,19 @@ def test_bounded_load_has_no_errors(serving, fault_table):
     assert errors == [], f"{len(errors)} of 256 requests failed: {errors[:5]}"
 
 
-def test_api_key_and_loopback_bind_are_enforced_and_the_key_never_leaks(serving):
-    extra = json.dumps({"vllm_service_api_key": API_KEY, "vllm_service_bind_address": "127.0.0.1"})
-    output = ansible_playbook("deploy-with-key", "site.yml", "-e", extra)
+def test_api_key_is_enforced_never_leaks_and_verify_needs_it(serving, tmp_path, monkeypatch):
+    key_only = json.dumps({"vllm_service_api_key": API_KEY})
+    output = ansible_playbook("deploy-with-key", "site.yml", "-e", key_only)
     try:
         assert API_KEY not in output, "the key appeared in Ansible's output"
-        # Bound to the host's loopback: unreachable from outside the host.
-        with pytest.raises(requests.RequestException):
-            requests.get(f"{BASE_URL}/v1/models", timeout=5)
-        inside = "http://127.0.0.1:8000/v1/models"
-        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"]
-        assert on_host(*curl, inside).stdout == "401"
-        assert on_host(*curl, "-H", f"Authorization: Bearer {API_KEY}", inside).stdout == "200"
-        assert on_host(*curl, "-H", "Authorization: Bearer wrong", inside).stdout == "401"
+        url = f"{BASE_URL}/v1/models"
+        assert requests.get(url, timeout=10).status_code == 401
+        assert (
+            requests.get(url, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code
+            == 401
+        )
+        ok = requests.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+        assert ok.status_code == 200
         for probe in (
             ["ps", "-eo", "args"],
             ["systemctl", "show", "vllm"],
@@ -212,9 +216,49 @@ def test_api_key_and_loopback_bind_are_enforced_and_the_key_never_leaks(serving)
             ["journalctl", "-u", "vllm", "--no-pager"],
         ):
             assert API_KEY not in on_host(*probe).stdout, f"the key leaks through {probe[0]}"
-        env_file = on_host("stat", "-c", "%a %U", "/etc/vllm/vllm.env").stdout.split()
-        assert env_file == ["600", "root"]
+        assert on_host("stat", "-c", "%a %U", "/etc/vllm/vllm.env").stdout.split() == [
+            "600",
+            "root",
+        ]
+
+        # The inventory does not know the key: verify says the server wants one.
+        monkeypatch.delenv("SERVEKIT_API_KEY", raising=False)
+        without = run_verify(INVENTORY, tmp_path / "without-key")
+        assert not without.ok
+        details = " ".join(r.detail for run in without.runs for r in run.results if not r.ok)
+        assert "API key" in details
+        monkeypatch.setenv("SERVEKIT_API_KEY", API_KEY)
+        assert run_verify(INVENTORY, tmp_path / "with-key").ok
+
+        # Published on the host's loopback only: unreachable from outside the host, and
+        # verify names the listening address.
+        loopback = json.dumps(
+            {"vllm_service_api_key": API_KEY, "vllm_service_bind_address": "127.0.0.1"}
+        )
+        ansible_playbook("deploy-loopback", "site.yml", "-e", loopback)
+        with pytest.raises(requests.RequestException):
+            requests.get(url, timeout=5)
+        curl = [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:8000/v1/models",
+        ]
+        assert on_host(*curl).stdout == "401"
+        assert on_host(*curl, "-H", f"Authorization: Bearer {API_KEY}").stdout == "200"
+        wrong_address = run_verify(INVENTORY, tmp_path / "loopback")
+        failed_hosts = {
+            t.name.split("::")[-1]
+            for h in wrong_address.hosts
+            for t in h.tests
+            if t.status == "FAIL"
+        }
+        assert "test_api_port_listens_on_the_configured_address" in failed_hosts
     finally:
+        monkeypatch.delenv("SERVEKIT_API_KEY", raising=False)
         restored = ansible_playbook("deploy-restore-defaults")
     assert recap(restored)["sandbox-1"]["changed"] > 0
     run = run_probes(BASE_URL, "Qwen3-8B", checks=["health", "models", "chat"])
