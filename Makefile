@@ -66,6 +66,14 @@ test-faults: venv host-tools ## Fault suite on the sandbox: kill, freeze, crash 
 test: lint venv host-tools ## What CI runs: lint, unit tests, then the sandbox end to end
 	pytest tests/unit tests/e2e -q $(PYTEST_ARGS)
 
+.PHONY: bench bench-model
+
+bench: venv host-tools ## Benchmark on the sandbox (~25 min on 2 cores; recreates the host): times vs floors, reports/bench.json
+	$(PY) benchmarks/bench.py --out reports/bench.json
+
+bench-model: venv ## Model supply benchmark only (mirror throughput, model role re-runs): reports/bench-model.json
+	$(PY) benchmarks/model_supply.py reports/bench-model.json
+
 destroy: venv ## Remove the sandbox (hosts, their volumes, registry, mirror; the image caches stay)
 	$(PY) -m servekit sandbox down
 	rm -rf ansible/.facts

@@ -127,7 +127,7 @@ def test_docker_restart_brings_vllm_back(serving, fault_table):
     detected = time.monotonic() if not healthy() else None
     wait_for(healthy, "healthy again after a Docker restart", START_BUDGET_S)
     record(fault_table, "Docker daemon restarted", t0, detected or t0, time.monotonic())
-    assert unit_property("ActiveState") == "active"
+    wait_for(lambda: unit_property("ActiveState") == "active", "vllm.service started", 60)
 
 
 def test_host_reboot_brings_everything_back(serving, fault_table):
