@@ -111,8 +111,13 @@ def _plain(value: object, hv: Mapping[str, object] | None = None) -> object:
 
 def _api_key(hv: Mapping[str, object], env: Mapping[str, str]) -> tuple[str | None, str]:
     raw = hv.get("vllm_service_api_key")
-    if raw is None or raw == "":
+    if raw == "":
         return None, "none"
+    if raw is None:
+        # Not in the inventory (given at deploy time with -e or a vars file elsewhere):
+        # the operator passes it on.
+        from_env = env.get(API_KEY_ENV) or None
+        return from_env, "env" if from_env else "none"
     if is_unresolved(raw):
         from_env = env.get(API_KEY_ENV) or None
         return from_env, "env" if from_env else "unresolved"

@@ -124,6 +124,15 @@ def test_inventory_api_key_comes_from_the_environment_for_templates_and_vault(fl
     assert (targets["gpu-04"].api_key, targets["gpu-04"].api_key_source) == (None, "none")
 
 
+def test_inventory_without_a_key_takes_the_environments(tmp_path):
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text("all:\n  children:\n    gpu_hosts:\n      hosts:\n        gpu-09: {}\n")
+    (target,) = probe_targets(inventory, env={API_KEY_ENV: "sk-given-at-deploy"})
+    assert (target.api_key, target.api_key_source) == ("sk-given-at-deploy", "env")
+    (target,) = probe_targets(inventory, env={})
+    assert (target.api_key, target.api_key_source) == (None, "none")
+
+
 def test_inventory_group_hosts_and_the_shipped_inventories(fleet):
     assert group_hosts(fleet, "other") == ["web-01"]
     assert group_hosts(fleet, "missing") == []
