@@ -49,8 +49,6 @@ import http.server
 import json
 import os
 import platform
-import queue
-import re
 import shutil
 import statistics
 import subprocess
@@ -62,6 +60,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from servekit.mirror.process import start_mirror
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "ansible" / "library" / "servekit_model_sync.py"
@@ -139,43 +139,12 @@ def sendfile_server(directory: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def mirror(root: Path, log: Path) -> Iterator[str]:
     """``python -m servekit.mirror ROOT --port 0``, healthy (start-up hashing done)."""
-    err = log.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "servekit.mirror", str(root), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=err,
-        text=True,
-    )
-    err.close()
+    started = start_mirror(root, log, timeout=60, ready_timeout=600)
     try:
-        lines: queue.Queue[str] = queue.Queue()
-        stdout = proc.stdout
-        assert stdout is not None
-        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-        line = lines.get(timeout=60)
-        match = re.search(r"on (http://127\.0\.0\.1:\d+)$", line.strip())
-        if not match:
-            raise RuntimeError(f"mirror did not start: {line!r}; see {log}")
-        url = match.group(1)
-        deadline = time.monotonic() + 600
-        while True:
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(url + "/healthz", timeout=5) as resp,
-            ):
-                if resp.status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mirror never became healthy; see {log}")
-            time.sleep(0.1)
-        yield url
+        yield started.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            started.stop()
 
 
 # --- clients ---------------------------------------------------------------------------------

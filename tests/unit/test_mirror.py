@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ import requests
 
 from servekit.mirror import FetchError, fetch
 from servekit.mirror.fetch import split_model_id, staging_dir
+from servekit.mirror.process import MirrorProcess, start_mirror
 from servekit.mirror.server import Mirror
 from servekit.mirror.store import STATE_DIR, ModelStore
 from servekit.testmodel import generate
@@ -64,59 +62,21 @@ def _fill(root: Path) -> Path:
     return model_dir
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
+class Server(MirrorProcess):
     def get(self, path: str, **kwargs: object) -> requests.Response:
         return requests.get(self.url + path, timeout=10, **kwargs)
 
 
 def _start(root: Path, log: Path) -> Server:
     """Run ``python -m servekit.mirror ROOT --port 0`` and wait until /healthz answers 200."""
-    err = log.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "servekit.mirror", str(root), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=err,
-        text=True,
-    )
-    err.close()
-    lines: queue.Queue[str] = queue.Queue()
-    assert proc.stdout is not None
-    stdout = proc.stdout
-    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=START_TIMEOUT)
-    except queue.Empty:
-        proc.kill()
-        raise AssertionError(f"mirror printed nothing; log:\n{log.read_text()}") from None
-    match = re.fullmatch(r"serving (.+) on (http://127\.0\.0\.1:\d+)\n", line)
-    assert match, (line, log.read_text())
-    assert Path(match.group(1)) == root.resolve()
-    server = Server(url=match.group(2), proc=proc, log=log)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        try:
-            if server.get("/healthz").status_code == 200:
-                return server
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "mirror never became healthy"
-        time.sleep(0.05)
+    started = start_mirror(root, log, timeout=START_TIMEOUT, ready_timeout=START_TIMEOUT)
+    server = Server(url=started.url, root=started.root, proc=started.proc, log=started.log)
+    assert server.root == root.resolve()
+    return server
 
 
 def _stop(server: Server) -> int:
-    server.proc.terminate()
-    try:
-        return server.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
-        raise
+    return server.stop()
 
 
 @pytest.fixture(scope="module")
