@@ -80,6 +80,12 @@ def healthy(timeout: float = 2.0) -> bool:
         return False
 
 
+def started_and_healthy() -> bool:
+    """/health answers and vllm.service has finished starting (the health timer applies)."""
+    active = on_host("systemctl", "is-active", "vllm").stdout.strip() == "active"
+    return active and healthy()
+
+
 def wait_for(predicate, what: str, deadline_s: float, interval: float = 0.5) -> float:
     """Polls until predicate() is true; returns the seconds it took."""
     start = time.monotonic()

@@ -23,6 +23,7 @@ from sandbox_helpers import (
     healthy,
     on_host,
     recap,
+    started_and_healthy,
     vllm_identity,
     wait_for,
 )
@@ -63,7 +64,7 @@ def unit_property(name: str) -> str:
 def serving(deployment):
     """Each fault starts from a healthy, started server and must leave one."""
     wait_for(
-        lambda: healthy() and unit_property("ActiveState") == "active",
+        started_and_healthy,
         "healthy and started before the fault",
         START_BUDGET_S,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from sandbox_helpers import INVENTORY, healthy, on_host, wait_for
+from sandbox_helpers import INVENTORY, healthy, on_host, started_and_healthy, wait_for
 
 from servekit.verify import VerifyResult, run_verify
 
@@ -24,7 +24,7 @@ def failed(result: VerifyResult) -> set[str]:
 @pytest.fixture
 def serving(deployment):
     wait_for(
-        lambda: healthy() and on_host("systemctl", "is-active", "vllm").stdout.strip() == "active",
+        started_and_healthy,
         "healthy and started before breaking it",
         600,
     )
