@@ -8,6 +8,7 @@ from upstream" are measured, not inferred.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -334,6 +335,117 @@ def test_interrupted_download_keeps_the_served_model_and_resumes(big: BigFile, w
         kept,
     )
     assert _digests(v1) == v1_digests  # the previous version stays for a roll-back
+
+
+def _wait_until_part_written(proc: subprocess.Popen, partial: Path, staging: Path, small) -> None:
+    """Poll until the small files are staged and the big one is part-written."""
+    deadline = time.monotonic() + MODULE_TIMEOUT
+    while True:
+        try:
+            written = partial.stat().st_size
+        except FileNotFoundError:
+            written = 0
+        if written >= 1024 * 1024 and all((staging / p).is_file() for p in small):
+            return
+        assert proc.poll() is None, "the module ended before the fault could be injected"
+        assert time.monotonic() < deadline, "the big file never started"
+        time.sleep(0.005)
+
+
+def _fill(path: Path) -> None:
+    """Take every free block of the filesystem holding ``path``, as a runaway log would."""
+    with path.open("wb") as f:
+        size = 0
+        for step in (64 * 1024 * 1024, 1024 * 1024, 4096):
+            while True:
+                try:
+                    os.posix_fallocate(f.fileno(), size, step)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+                size += step
+
+
+@pytest.fixture
+def small_disk(work: Path) -> Iterator[Path]:
+    """A real 400 MiB filesystem (tmpfs) for the model root: small enough to fill."""
+    mount = work / "models"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_filling_up_during_an_update_keeps_the_served_model_and_resumes(
+    big: BigFile, work: Path, small_disk: Path
+) -> None:
+    root = work / "mirror"
+    model_dir = _publish(root)
+    models = small_disk
+    server = _start(root, work / "mirror.log")
+    try:
+        rc, out = sync(work, server.url, models, revision="v1")
+        assert rc == 0, out
+        v1 = models / MODEL_ID / "v1"
+        v1_digests = _digests(v1)
+
+        # v2 adds the big file: it fits (the preflight passes), then something else on the
+        # host takes the rest of the disk while the big file is being written.
+        _add_big(model_dir, big)
+        small = [p for p in _files(model_dir) if p != BIG]
+        staging = models / MODEL_ID / ".staging" / "v2"
+        partial = staging / f"{BIG}.incomplete"
+        proc = subprocess.Popen(
+            _module_cmd(work, server.url, models, revision="v2"),
+            stdout=subprocess.PIPE,
+            stderr=(work / "disk-full-run.log").open("wb"),
+            env=_module_env(work, "host"),
+            start_new_session=True,
+            text=True,
+        )
+        filler = models / "filler"
+        try:
+            _wait_until_part_written(proc, partial, staging, small)
+            os.killpg(proc.pid, signal.SIGSTOP)  # hold it while the disk fills
+            _fill(filler)
+            assert shutil.disk_usage(models).free < 1024 * 1024
+            os.killpg(proc.pid, signal.SIGCONT)
+            stdout, _ = proc.communicate(timeout=MODULE_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+        rc, out = _result(proc.returncode, stdout, (work / "disk-full-run.log").read_text())
+        assert rc != 0, out
+        assert f"download of {MODEL_ID}@v2" in out["msg"], out["msg"]
+        assert "No space left on device" in out["msg"], out["msg"]
+        assert "served model is untouched" in out["msg"], out["msg"]
+
+        # Nothing half-written is served: same link, same bytes, no v2; the part is kept.
+        assert _current(models) == "v1"
+        assert _digests(v1) == v1_digests
+        assert not (models / MODEL_ID / "v2").exists()
+        kept = partial.stat().st_size
+        assert 0 < kept < BIG_SIZE
+
+        # Space comes back (the operator cleans up): the next run resumes and switches.
+        filler.unlink()
+        before = _served(server)
+        rc, out = sync(work, server.url, models, revision="v2")
+        resumed = _delta(before, _served(server))
+    finally:
+        assert _stop(server) == 0
+
+    assert rc == 0, out
+    assert _current(models) == "v2"
+    assert _digests(models / MODEL_ID / "v2") == _digests(model_dir, known={BIG: big.sha256})
+    assert resumed == {BIG: {"requests": 1, "bytes": BIG_SIZE - kept, "aborted": 0}}, (
+        resumed,
+        kept,
+    )
 
 
 def test_corruption_on_the_mirror_fails_the_update_and_keeps_the_served_model(
