@@ -189,6 +189,36 @@ def _current(models: Path) -> str:
     return os.readlink(models / MODEL_ID / "current")
 
 
+def _wait_until_part_written(proc: subprocess.Popen, partial: Path, staging: Path, small) -> None:
+    """Poll until the small files are staged and the big one is part-written."""
+    deadline = time.monotonic() + MODULE_TIMEOUT
+    while True:
+        try:
+            written = partial.stat().st_size
+        except FileNotFoundError:
+            written = 0
+        if written >= 1024 * 1024 and all((staging / p).is_file() for p in small):
+            return
+        assert proc.poll() is None, "the module ended before the fault could be injected"
+        assert time.monotonic() < deadline, "the big file never started"
+        time.sleep(0.005)
+
+
+def _fill(path: Path) -> None:
+    """Take every free block of the filesystem holding ``path``, as a runaway log would."""
+    with path.open("wb") as f:
+        size = 0
+        for step in (64 * 1024 * 1024, 1024 * 1024, 4096):
+            while True:
+                try:
+                    os.posix_fallocate(f.fileno(), size, step)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+                size += step
+
+
 # --- the mirror's counters -------------------------------------------------------------------
 
 
@@ -295,17 +325,7 @@ def test_interrupted_download_keeps_the_served_model_and_resumes(big: BigFile, w
         )
         try:
             # Kill it once the small files are in and the big one is part-written.
-            deadline = time.monotonic() + MODULE_TIMEOUT
-            while True:
-                try:
-                    written = partial.stat().st_size
-                except FileNotFoundError:
-                    written = 0
-                if written >= 1024 * 1024 and all((staging / p).is_file() for p in small):
-                    break
-                assert proc.poll() is None, "the module ended before it could be interrupted"
-                assert time.monotonic() < deadline, "the big file never started"
-                time.sleep(0.005)
+            _wait_until_part_written(proc, partial, staging, small)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
@@ -335,36 +355,6 @@ def test_interrupted_download_keeps_the_served_model_and_resumes(big: BigFile, w
         kept,
     )
     assert _digests(v1) == v1_digests  # the previous version stays for a roll-back
-
-
-def _wait_until_part_written(proc: subprocess.Popen, partial: Path, staging: Path, small) -> None:
-    """Poll until the small files are staged and the big one is part-written."""
-    deadline = time.monotonic() + MODULE_TIMEOUT
-    while True:
-        try:
-            written = partial.stat().st_size
-        except FileNotFoundError:
-            written = 0
-        if written >= 1024 * 1024 and all((staging / p).is_file() for p in small):
-            return
-        assert proc.poll() is None, "the module ended before the fault could be injected"
-        assert time.monotonic() < deadline, "the big file never started"
-        time.sleep(0.005)
-
-
-def _fill(path: Path) -> None:
-    """Take every free block of the filesystem holding ``path``, as a runaway log would."""
-    with path.open("wb") as f:
-        size = 0
-        for step in (64 * 1024 * 1024, 1024 * 1024, 4096):
-            while True:
-                try:
-                    os.posix_fallocate(f.fileno(), size, step)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
-                size += step
 
 
 @pytest.fixture
