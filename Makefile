@@ -63,8 +63,8 @@ test-e2e: venv host-tools ## Sandbox end to end: deploy, verify, re-deploy (chan
 test-faults: venv host-tools ## Fault suite on the sandbox: kill, freeze, crash loop, reboot, load, key; prints the fault table
 	pytest tests/e2e/test_faults.py -q $(PYTEST_ARGS)
 
-test: lint venv host-tools ## What CI runs: lint, unit tests, then the sandbox end to end
-	pytest tests/unit tests/e2e -q --ignore tests/e2e/test_faults.py $(PYTEST_ARGS)
+test: lint venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end and the fault suite
+	pytest tests/unit tests/e2e -q $(PYTEST_ARGS)
 
 .PHONY: bench bench-model
 

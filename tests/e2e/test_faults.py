@@ -136,6 +136,8 @@ def test_host_reboot_brings_everything_back(serving, fault_table):
     subprocess.run(["docker", "restart", HOST_CONTAINER], check=True, capture_output=True)
     wait_for(healthy, "healthy again after a host reboot", START_BUDGET_S)
     record(fault_table, "host rebooted", t0, t0, time.monotonic())
+    # /health answers a moment before the unit's readiness wait (ExecStartPost) returns.
+    wait_for(started_and_healthy, "vllm.service started after the reboot", 60)
     for unit in ("docker", "vllm", "vllm-health.timer"):
         assert on_host("systemctl", "is-active", unit).stdout.strip() == "active", unit
         assert on_host("systemctl", "is-enabled", unit).stdout.strip() == "enabled", unit
