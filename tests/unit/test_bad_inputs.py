@@ -138,6 +138,44 @@ CASES = [
         "mirror.lan",
     ),
     Case("ca-bundle-missing", {"model_ca_bundle": "/nonexistent/ca.pem"}, "leave it empty"),
+    # The API firewall's allow-list: IPv4 networks in a real list, on an IPv4 publish.
+    Case(
+        "firewall-prefix-33",
+        {VLLM + "firewall_allowed_cidrs": ["10.0.0.0/8", "10.0.0.0/33"]},
+        "at most /32",
+        '"10.0.0.0/33" has a prefix length above 32',
+    ),
+    Case(
+        "firewall-not-a-cidr",
+        {VLLM + "firewall_allowed_cidrs": ["not-a-cidr"]},
+        "IPv4 address (192.0.2.10)",
+        '"not-a-cidr"',
+    ),
+    Case(
+        "firewall-host-bits",
+        {VLLM + "firewall_allowed_cidrs": ["10.0.0.1/8"]},
+        "the network is 10.0.0.0/8",
+        '"10.0.0.1/8"',
+    ),
+    Case(
+        "firewall-ipv6-network",
+        {VLLM + "firewall_allowed_cidrs": ["2001:db8::/32"]},
+        "IPv4 only",
+        '"2001:db8::/32"',
+    ),
+    Case(
+        "firewall-not-a-list",
+        {VLLM + "firewall_allowed_cidrs": "10.0.0.0/8"},
+        "write a YAML list",
+        '"10.0.0.0/8" is a str',
+    ),
+    Case(
+        "firewall-on-ipv6-bind",
+        {VLLM + "bind_address": "::", VLLM + "firewall_allowed_cidrs": ["10.0.0.0/8"]},
+        "bind to 0.0.0.0",
+        '"::"',
+        variable=VLLM + "firewall_allowed_cidrs",
+    ),
     # Security: beyond loopback only with a key, or with a real boolean that allows none.
     Case(
         "open-bind-without-key",
