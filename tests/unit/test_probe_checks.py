@@ -815,6 +815,14 @@ def test_metrics_for_another_model_fail(fake):
     )
 
 
+def test_metrics_kept_private_name_the_setting(fake):
+    fake.routes["GET /metrics"] = lambda r, b: web.json_response(
+        {"error": {"message": "/metrics is not served to this address", "code": 403}}, status=403
+    )
+    detail = probe(fake.url, "metrics")["metrics"].detail
+    assert "got 403" in detail and "vllm_service_metrics_allowed_cidrs" in detail
+
+
 def test_metrics_without_vllm_series_fail(fake):
     fake.routes["GET /metrics"] = lambda r, b: web.Response(text="python_info 1.0\n")
     detail = probe(fake.url, "metrics")["metrics"].detail

@@ -580,6 +580,12 @@ def _label_value(value: str) -> str:
 
 def probe_metrics(ctx: ProbeContext) -> str:
     resp = ctx.client.request("GET", "/metrics")
+    _expect(
+        resp.status_code != 403,
+        "expected 200 from /metrics, got 403: the server keeps its metrics private to the host "
+        "and listed networks; add this machine to vllm_service_metrics_allowed_cidrs, or set "
+        "vllm_service_metrics_public: true",
+    )
     ctx.client.expect_status(resp, 200, keyed=False)  # open even with --api-key
     samples = [
         line
