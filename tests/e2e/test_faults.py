@@ -270,6 +270,56 @@ def test_api_key_is_enforced_never_leaks_and_verify_needs_it(serving, tmp_path, 
     assert run.ok, [r.detail for r in run.results if not r.ok]
 
 
+def test_firewall_and_metrics_guard_keep_outsiders_out(serving):
+    """From this machine the sandbox host sees connections from Docker's bridge gateway."""
+
+    def inside(path: str) -> str:
+        return on_host(
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:8000{path}"
+        ).stdout
+
+    # Only 192.0.2.0/24 may connect: this machine is reset at once, the host itself passes.
+    closed = {
+        "vllm_service_firewall_allowed_cidrs": ["192.0.2.0/24"],
+        "vllm_service_metrics_allowed_cidrs": [],
+    }
+    ansible_playbook("deploy-firewall-closed", "site.yml", "-e", json.dumps(closed))
+    wait_for(started_and_healthy_inside, "healthy behind the firewall", START_BUDGET_S)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{BASE_URL}/health", timeout=5)
+    assert inside("/health") == "200"
+    assert inside("/metrics") == "200", "the host itself always reads /metrics"
+    rules = on_host("iptables", "-S", "SERVEKIT-VLLM").stdout
+    assert "192.0.2.0/24" in rules and "REJECT" in rules, rules
+
+    # This machine's network admitted to the API, but not to /metrics.
+    api_only = {
+        "vllm_service_firewall_allowed_cidrs": ["172.16.0.0/12"],
+        "vllm_service_metrics_allowed_cidrs": [],
+    }
+    ansible_playbook("deploy-firewall-open", "site.yml", "-e", json.dumps(api_only))
+    wait_for(healthy, "reachable once admitted", 60)
+    assert requests.get(f"{BASE_URL}/v1/models", timeout=10).status_code == 200
+    metrics = requests.get(f"{BASE_URL}/metrics", timeout=10)
+    assert metrics.status_code == 403, metrics.text[:200]
+    assert "vllm:" not in metrics.text
+
+    # Back to the inventory's settings: no rules left behind, /metrics for this machine again.
+    restored = ansible_playbook("deploy-firewall-removed")
+    assert recap(restored)["sandbox-1"]["changed"] > 0
+    wait_for(healthy, "healthy after the firewall is removed", START_BUDGET_S)
+    assert on_host("iptables", "-S", "SERVEKIT-VLLM").returncode != 0, "the chain is left"
+    assert requests.get(f"{BASE_URL}/metrics", timeout=10).status_code == 200
+
+
+def started_and_healthy_inside() -> bool:
+    active = on_host("systemctl", "is-active", "vllm").stdout.strip() == "active"
+    code = on_host(
+        "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:8000/health"
+    ).stdout
+    return active and code == "200"
+
+
 def serving_reports():
     from sandbox_helpers import ROOT
 
