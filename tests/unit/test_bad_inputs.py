@@ -78,6 +78,7 @@ class Case:
     shows: str | None = None  # the bad value, where the message repeats it
     variable: str = ""  # the variable the message must name; default: the one overridden
     extra_vars: bool = False  # give the overrides with -e @file.json instead of the inventory
+    groups: tuple[str, ...] = ("gpu_hosts",)  # the inventory groups the host is in
 
     @property
     def names(self) -> str:
@@ -85,6 +86,7 @@ class Case:
 
 
 VLLM = "vllm_service_"
+MONITORED = ("gpu_hosts", "monitoring")  # a GPU host that also runs Prometheus
 CASES = [
     # Types: the roles' argument specs refuse these in the preflight entry points.
     Case("port-not-a-number", {VLLM + "port": "eighty"}, "to int", "'eighty'"),
@@ -196,6 +198,83 @@ CASES = [
     ),
     Case("hold-string", {"nvidia_driver_hold_packages": "no"}, "without quotes", '"no"'),
     Case("verify-string", {"nvidia_container_toolkit_verify": "true"}, "without quotes", '"true"'),
+    # Monitoring (optional): the host also runs Prometheus (inventory group monitoring).
+    Case(
+        "monitoring-without-gpu-hosts",
+        {},
+        "put the vLLM servers in group gpu_hosts",
+        variable="monitoring_gpu_group",
+        groups=("monitoring",),
+    ),
+    Case(
+        "kv-cache-threshold-1.5",
+        {"monitoring_alert_kv_cache_usage": 1.5},
+        "at most 1",
+        "=1.5 ",
+        groups=MONITORED,
+    ),
+    Case(
+        "kv-cache-threshold-negative",
+        {"monitoring_alert_kv_cache_usage": -0.2},
+        "above 0",
+        "=-0.2 ",
+        groups=MONITORED,
+    ),
+    Case(
+        "ttft-threshold-text",
+        {"monitoring_alert_ttft_p95_seconds": "fast"},
+        "to float",  # Ansible's float conversion does not repeat the value
+        groups=MONITORED,
+    ),
+    Case(
+        "ttft-threshold-zero",
+        {"monitoring_alert_ttft_p95_seconds": 0},
+        "must be above 0",
+        "=0 ",
+        groups=MONITORED,
+    ),
+    Case(
+        "disk-free-ratio-2",
+        {"monitoring_alert_model_disk_free_ratio": 2},
+        "between 0 and 1",
+        "=2 ",
+        groups=MONITORED,
+    ),
+    Case(
+        "gpu-temp-300",
+        {"monitoring_alert_gpu_temp_celsius": 300},
+        "between 1 and 149",
+        "=300 ",
+        groups=MONITORED,
+    ),
+    Case(
+        "scrape-interval-without-unit",
+        {"monitoring_scrape_interval": "15"},
+        "e.g. 15s",
+        '"15"',
+        groups=MONITORED,
+    ),
+    Case(
+        "scrape-interval-in-words",
+        {"monitoring_scrape_interval": "15 seconds"},
+        "e.g. 15s",
+        '"15 seconds"',
+        groups=MONITORED,
+    ),
+    Case(
+        "listen-address-without-port",
+        {"monitoring_prometheus_listen_address": "0.0.0.0"},
+        "127.0.0.1:9090",
+        '"0.0.0.0"',
+        groups=MONITORED,
+    ),
+    Case(
+        "dcgm-image-unpinned",
+        {"monitoring_dcgm_exporter_image": "nvcr.io/nvidia/k8s/dcgm-exporter:latest"},
+        "@sha256:",
+        ":latest",
+        groups=MONITORED,
+    ),
     # The host itself.
     Case(
         "gpu-host-without-gpu", NO_GPU, "servekit_accelerator: cpu", variable="servekit_accelerator"
@@ -203,6 +282,10 @@ CASES = [
     Case("too-little-disk", {"preflight_min_free_gb": 100000}, "lower preflight_min_free_gb"),
     Case("unsupported-os", {"preflight_supported_os": _os_not_this_one()}, "Reinstall the host"),
 ]
+
+
+# Not a bad input: the valid baseline on a host that also runs Prometheus.
+MONITORED_BASELINE = Case("baseline-monitoring", {}, "", groups=MONITORED)
 
 
 def _preflight_task_names() -> set[str]:
@@ -253,7 +336,8 @@ def _run(case: Case | None, workdir: Path, facts: Path | None = None) -> Run:
         # The play's `become: true` would need sudo; the checks need no privileges.
         "ansible_become": False,
     }
-    inventory = {"all": {"children": {"gpu_hosts": {"hosts": {HOST: host}}}}}
+    groups = case.groups if case is not None else ("gpu_hosts",)
+    inventory = {"all": {"children": {group: {"hosts": {HOST: host}} for group in groups}}}
     (workdir / "hosts.yml").write_text(json.dumps(inventory, indent=2))
     env = {
         key: value
@@ -288,10 +372,11 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     baseline_dir = tmp_path_factory.mktemp("baseline")
     results = {"baseline": _run(None, baseline_dir)}
     facts = baseline_dir / "facts" if (baseline_dir / "facts").is_dir() else None
-    workdirs = [tmp_path_factory.mktemp(case.id) for case in CASES]
+    cases = [*CASES, MONITORED_BASELINE]
+    workdirs = [tmp_path_factory.mktemp(case.id) for case in cases]
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        runs = pool.map(_run, CASES, workdirs, [facts] * len(CASES))
-        results |= {case.id: run for case, run in zip(CASES, runs, strict=True)}
+        runs = pool.map(_run, cases, workdirs, [facts] * len(cases))
+        results |= {case.id: run for case, run in zip(cases, runs, strict=True)}
     return results
 
 
@@ -308,7 +393,7 @@ def _check_stayed_in_preflight(run: Run) -> None:
 
 def test_cases_are_distinct():
     assert len({c.id for c in CASES}) == len(CASES)
-    assert len({json.dumps(c.overrides, sort_keys=True) for c in CASES}) == len(CASES)
+    assert len({json.dumps([c.overrides, c.groups], sort_keys=True) for c in CASES}) == len(CASES)
     assert len(CASES) >= 15
 
 
@@ -319,7 +404,15 @@ def test_valid_baseline_passes_preflight(runs):
     _check_stayed_in_preflight(run)
     # Every role's preflight entry point validated its argument spec.
     validated = [name for name in run.tasks if name.startswith(VALIDATION)]
-    assert len(validated) == 6, validated
+    assert len(validated) == 7, validated
+
+
+def test_valid_monitoring_settings_pass_preflight(runs):
+    """The baseline host in group monitoring too: the monitoring role's defaults pass."""
+    run = runs[MONITORED_BASELINE.id]
+    assert run.rc == 0, run.output
+    _check_stayed_in_preflight(run)
+    assert "Monitoring | Check the Prometheus settings" in run.tasks, run.tasks
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
