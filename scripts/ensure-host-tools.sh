@@ -1,6 +1,8 @@
 #!/bin/sh
 # Make sure this machine has what the sandbox needs: debootstrap and ssh (to build and
 # reach sandbox hosts) and a Docker engine that answers; install and start them if needed.
+# Also promtool (Debian's prometheus package, pinned), which checks and unit-tests the
+# monitoring role's alert rules; the Prometheus server of that package is not left running.
 # Usable before servekit's virtualenv exists (make, CI). Same logic as
 # servekit.sandbox.engine.ensure_docker_engine:
 #   - `docker info` works            -> nothing to do
@@ -11,6 +13,8 @@
 set -eu
 
 DOCKERD_LOG=${DOCKERD_LOG:-/var/log/servekit-dockerd.log}
+# The version the monitoring role pins on Debian 12 (monitoring_prometheus_version).
+PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-2.42.0+ds-5+deb12u1}
 TIMEOUT=${TIMEOUT:-60}
 
 say() { echo "ensure-docker: $*"; }
@@ -37,6 +41,20 @@ if [ -n "$missing" ]; then
     apt-get update >/dev/null || die "apt-get update failed"
     # shellcheck disable=SC2086 # word splitting of the package list is wanted
     apt-get install -y $missing >/dev/null || die "apt-get install$missing failed"
+fi
+
+if ! command -v promtool >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || die "promtool is missing; installing prometheus needs root (run: sudo $0)"
+    say "installing prometheus=$PROMETHEUS_VERSION (for promtool)…"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update >/dev/null || die "apt-get update failed"
+    # No recommends: they would add node_exporter, which nothing here needs.
+    apt-get install -y --no-install-recommends "prometheus=$PROMETHEUS_VERSION" >/dev/null ||
+        die "apt-get install prometheus=$PROMETHEUS_VERSION failed"
+    # Only promtool is wanted: stop the server the package starts where systemd runs.
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 if engine_ready; then
