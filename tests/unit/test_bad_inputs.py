@@ -171,6 +171,19 @@ CASES = [
         "write a YAML list",
         '"10.0.0.0/8" is a str',
     ),
+    # Who may read /metrics besides the host: IPv4 networks in a real list.
+    Case(
+        "metrics-cidr-is-a-name",
+        {VLLM + "metrics_allowed_cidrs": ["prometheus.example.com"]},
+        "the /metrics guard cannot admit",
+        '"prometheus.example.com" is not an IP address or network',
+    ),
+    Case(
+        "metrics-cidrs-not-a-list",
+        {VLLM + "metrics_allowed_cidrs": "10.0.5.0/24"},
+        "is not a list",
+        '"10.0.5.0/24"',
+    ),
     Case(
         "firewall-on-ipv6-bind",
         {VLLM + "bind_address": "::", VLLM + "firewall_allowed_cidrs": ["10.0.0.0/8"]},

@@ -1,0 +1,74 @@
+"""The monitoring stack where the inventory asks for it: Prometheus on the hosts of group
+`monitoring` scrapes every target it was given, and node_exporter runs where it is scraped.
+
+`make verify` prints each monitoring host's targets; a target that is not up fails the
+check with Prometheus's own reason (lastError)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+DEFAULT_LISTEN = "127.0.0.1:9090"
+
+
+@pytest.fixture(scope="module")
+def groups(inventory_vars) -> list[str]:
+    return list(inventory_vars.get("group_names") or [])
+
+
+@pytest.fixture(scope="module")
+def prometheus_url(inventory_vars, groups) -> str:
+    if "monitoring" not in groups:
+        pytest.skip("not a monitoring host (group `monitoring`)")
+    listen = str(inventory_vars.get("monitoring_prometheus_listen_address") or DEFAULT_LISTEN)
+    if "{{" in listen:
+        listen = DEFAULT_LISTEN
+    address, _, port = listen.rpartition(":")
+    if address in ("", "0.0.0.0", "::", "[::]"):
+        address = "127.0.0.1"
+    return f"http://{address}:{port}"
+
+
+def test_prometheus_is_active_and_enabled(host, prometheus_url):
+    service = host.service("prometheus")
+    assert service.is_running, "expected prometheus.service active, it is not"
+    assert service.is_enabled, "expected prometheus.service enabled at boot, it is not"
+
+
+def test_prometheus_scrapes_every_target(host, prometheus_url):
+    result = host.run("curl -s --max-time 10 %s/api/v1/targets?state=active", prometheus_url)
+    assert result.rc == 0, f"Prometheus does not answer on {prometheus_url}: {result.stderr}"
+    targets = json.loads(result.stdout)["data"]["activeTargets"]
+    table = [
+        (t["labels"].get("job"), t["labels"].get("host"), t["scrapeUrl"], t["health"])
+        for t in targets
+    ]
+    print("\n".join(f"{job:<10} {h:<16} {url:<42} {health}" for job, h, url, health in table))
+    jobs = {job for job, *_ in table}
+    assert {"vllm", "node"} <= jobs, f"expected vllm and node scrape jobs, got {sorted(jobs)}"
+    down = [
+        f"{t['labels'].get('job')} {t['scrapeUrl']}: {t['health']} "
+        f"({t['lastError'] or 'not scraped yet'})"
+        for t in targets
+        if t["health"] != "up"
+    ]
+    assert not down, "targets not up: " + "; ".join(down)
+
+
+def test_node_exporter_runs_where_it_is_scraped(host, inventory_vars, groups):
+    monitoring = (inventory_vars.get("groups") or {}).get("monitoring") or []
+    if not monitoring:
+        pytest.skip("the inventory has no `monitoring` group: no exporters are deployed")
+    if not {"monitoring", "gpu_hosts"} & set(groups):
+        pytest.skip("not scraped by the monitoring role")
+    service = host.service("prometheus-node-exporter")
+    assert service.is_running, "expected prometheus-node-exporter active, it is not"
+    assert service.is_enabled, "expected prometheus-node-exporter enabled at boot, it is not"
+    metrics = host.run("curl -s --max-time 10 http://127.0.0.1:9100/metrics").stdout
+    assert "node_systemd_unit_state" in metrics, "node_exporter's systemd collector is off"
+    if "gpu_hosts" in groups:
+        assert "servekit_vllm_health_restarts_total" in metrics, (
+            "the health timer's textfile metrics are missing"
+        )
