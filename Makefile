@@ -4,18 +4,28 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
+# SANDBOX_HOSTS=N (N > 1): a sandbox fleet, N hosts behind a gateway on localhost:8000,
+# with the inventory that `servekit sandbox up --gateway` writes.
+SANDBOX_HOSTS ?= 1
+SANDBOX_FLEET := $(filter-out 0 1,$(SANDBOX_HOSTS))
+ifeq ($(SANDBOX_FLEET),)
 INVENTORY ?= inventory/sandbox/hosts.yml
+else
+INVENTORY ?= .sandbox/inventory/hosts.yml
+endif
 ANSIBLE_ARGS ?=
 PYTEST_ARGS ?=
+# Hosts updated at once by `make roll`: a number or a share ("25%").
+ROLL_BATCH ?= 1
 VENV := .venv
 PY := $(VENV)/bin/python
-IS_SANDBOX := $(filter inventory/sandbox/%,$(INVENTORY))
+IS_SANDBOX := $(filter inventory/sandbox/% .sandbox/inventory/%,$(INVENTORY))
 
 export ANSIBLE_CONFIG := $(CURDIR)/ansible/ansible.cfg
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv host-tools sandbox deploy verify probe test test-unit test-e2e test-faults lint destroy clean
+.PHONY: help venv host-tools sandbox deploy roll verify probe test test-unit test-e2e test-faults test-fleet lint destroy clean
 
 help: ## Show this list
 	@echo "servekit: make TARGET [INVENTORY=inventory/<site>/hosts.yml]"
@@ -33,14 +43,17 @@ venv: $(VENV)/.installed ## Create the pinned Python environment (.venv)
 host-tools: ## Install what this machine needs (Docker engine, debootstrap, ssh) if missing
 	@sh scripts/ensure-host-tools.sh
 
-sandbox: venv host-tools ## Bring up the local sandbox host, registry and model mirror
-	$(PY) -m servekit sandbox up
+sandbox: venv host-tools ## Bring up the local sandbox host, registry and model mirror [SANDBOX_HOSTS=3: a fleet]
+	$(PY) -m servekit sandbox up --hosts $(SANDBOX_HOSTS) $(if $(SANDBOX_FLEET),--gateway)
 
 deploy: venv ## Converge INVENTORY (default: the local sandbox, brought up first)
 ifneq ($(IS_SANDBOX),)
 	@$(MAKE) --no-print-directory sandbox
 endif
 	ansible-playbook -i $(INVENTORY) ansible/playbooks/site.yml $(ANSIBLE_ARGS)
+
+roll: venv ## Roll a change through INVENTORY a batch at a time: drain, update, verify, put back [ROLL_BATCH=1]
+	ansible-playbook -i $(INVENTORY) ansible/playbooks/rolling.yml -e servekit_rolling_batch=$(ROLL_BATCH) $(ANSIBLE_ARGS)
 
 verify: venv ## Prove every host of INVENTORY works: host checks, then request probes
 	$(PY) -m servekit verify --inventory $(INVENTORY) --report-dir reports
@@ -58,13 +71,16 @@ test-unit: venv ## Unit tests only (no Docker)
 	pytest tests/unit -q $(PYTEST_ARGS)
 
 test-e2e: venv host-tools ## Sandbox end to end: deploy, verify, re-deploy (changed=0), break, destroy
-	pytest tests/e2e -q --ignore tests/e2e/test_faults.py $(PYTEST_ARGS)
+	pytest tests/e2e -q --ignore tests/e2e/test_faults.py --ignore tests/e2e/test_fleet.py $(PYTEST_ARGS)
 
 test-faults: venv host-tools ## Fault suite on the sandbox: kill, freeze, crash loop, reboot, load, key; prints the fault table
 	pytest tests/e2e/test_faults.py -q $(PYTEST_ARGS)
 
+test-fleet: venv host-tools ## Sandbox fleet (3 hosts + gateway): a host killed and rolling updates under load, no failed request
+	pytest tests/e2e/test_fleet.py -q $(PYTEST_ARGS)
+
 test: lint venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end and the fault suite
-	pytest tests/unit tests/e2e -q $(PYTEST_ARGS)
+	pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet.py $(PYTEST_ARGS)
 
 .PHONY: bench bench-model
 

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="bring the sandbox up (idempotent)")
     p_up.add_argument("--hosts", type=int, default=1, help="number of sandbox hosts (default 1)")
+    p_up.add_argument(
+        "--gateway", action="store_true", help="fleet mode: a gateway host in front of the hosts"
+    )
     sub.add_parser("down", help="remove the sandbox hosts, the registry, and stop the mirror")
     sub.add_parser("status", help="print what runs, as JSON")
     p_img = sub.add_parser("images", help="build the images that are missing")
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             ensure_docker_engine(progress)
-            up(args.hosts, progress=progress)
+            up(args.hosts, gateway=args.gateway, progress=progress)
         elif args.command == "down":
             down(progress=progress)
         elif args.command == "status":

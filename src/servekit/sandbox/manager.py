@@ -11,7 +11,10 @@
 * sandbox hosts ``servekit-sandbox-1..N``: Debian 12 with systemd and sshd, SSH on
   127.0.0.1:2221+N, their port 8000 on 127.0.0.1:7999+N. Inside them the name
   ``servekit-control`` is this machine (the bridge gateway), so an inventory can say
-  ``servekit-control:5000`` and ``http://servekit-control:8090``.
+  ``servekit-control:5000`` and ``http://servekit-control:8090``;
+* with ``gateway=True`` (fleet mode, ``servekit.sandbox.fleet``), one more such host,
+  ``servekit-gateway``, SSH on 127.0.0.1:2221, its port 8000 on 127.0.0.1:8000; the hosts'
+  ports 8000 then move to 127.0.0.1:8000+N, and ``.sandbox/inventory/hosts.yml`` lists them all.
 
 Everything it made is recorded in ``.sandbox/state.json``; ``down()`` removes it all.
 Both are idempotent: ``up()`` reuses what already runs.
@@ -33,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import images
+from . import fleet, images
 from .common import (
     Progress,
     SandboxError,
@@ -93,9 +96,9 @@ def ssh_port(n: int) -> int:
     return SSH_PORT_BASE + n
 
 
-def api_port(n: int) -> int:
-    """Host 1 -> 8000, host 2 -> 8001, ..."""
-    return API_PORT_BASE + n
+def api_port(n: int, fleet_mode: bool = False) -> int:
+    """Host 1 -> 8000, host 2 -> 8001, ...; in fleet mode (the gateway holds 8000) one up."""
+    return fleet.api_port(n, fleet_mode)
 
 
 def vllm_registry_repo(registry: str) -> str:
@@ -115,6 +118,8 @@ class SandboxHost:
     ssh_port: int
     api_port: int
     docker_volume: str
+    # The container's address on Docker's default bridge (where the gateway reaches it).
+    address: str = ""
 
 
 @dataclass
@@ -130,6 +135,9 @@ class SandboxState:
     images: dict
     vllm_image: str
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    # Fleet mode: the gateway host, and the inventory written for the fleet.
+    gateway_host: SandboxHost | None = None
+    inventory: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +146,8 @@ class SandboxState:
     def from_dict(cls, data: dict) -> SandboxState:
         data = dict(data)
         data["hosts"] = [SandboxHost(**h) for h in data.get("hosts", [])]
+        if isinstance(data.get("gateway_host"), dict):
+            data["gateway_host"] = SandboxHost(**data["gateway_host"])
         return cls(**data)
 
 
@@ -154,6 +164,7 @@ class _Paths:
         self.mirror_log = self.root / "mirror.log"
         self.mirror_pid = self.root / "mirror.pid"
         self.lock = self.root / ".lock"
+        self.fleet_inventory = self.root / fleet.INVENTORY_DIR
 
 
 def load_state() -> SandboxState | None:
@@ -179,14 +190,15 @@ def _locked(paths: _Paths) -> Iterator[None]:
 # --- up ------------------------------------------------------------------------------------
 
 
-def up(hosts: int = 1, *, progress: Progress = print) -> SandboxState:
+def up(hosts: int = 1, *, gateway: bool = False, progress: Progress = print) -> SandboxState:
     """Bring the sandbox up with ``hosts`` sandbox hosts; reuse whatever already runs.
 
     Sandbox hosts it made earlier that are numbered above ``hosts`` are removed, so the
-    sandbox matches the request.
+    sandbox matches the request. ``gateway`` adds the gateway host in front of them (fleet
+    mode, see ``servekit.sandbox.fleet``); without it a gateway left from fleet mode goes.
     """
-    if hosts < 0:
-        raise ValueError("hosts must be >= 0")
+    fleet.check_request(hosts, gateway)
+    fleet_mode = gateway  # below, `gateway` is the bridge's gateway address
     paths = _Paths()
     start = time.monotonic()
     with _locked(paths):
@@ -209,14 +221,30 @@ def up(hosts: int = 1, *, progress: Progress = print) -> SandboxState:
         with step(progress, f"model mirror on http://{gateway}:{MIRROR_PORT}"):
             mirror_pid = _ensure_mirror(paths, gateway, progress)
 
+        if not fleet_mode:
+            _remove_gateway(client, progress)  # frees 127.0.0.1:8000 for host 1
         sandbox_hosts = []
         for n in range(1, hosts + 1):
             with step(progress, f"sandbox host {host_container(n)} (ssh 127.0.0.1:{ssh_port(n)})"):
-                sandbox_hosts.append(
-                    _ensure_host(client, n, refs["sandbox-host"], gateway, pubkey, paths, progress)
+                host = _ensure_host(
+                    client, n, refs["sandbox-host"], gateway, pubkey, paths, progress, fleet_mode
                 )
+                sandbox_hosts.append(host)
         _remove_extra_hosts(client, hosts, progress)
-        _write_known_hosts(client, sandbox_hosts, paths)
+        gateway_host = None
+        if fleet_mode:
+            name = fleet.GATEWAY_CONTAINER
+            with step(progress, f"gateway host {name} (ssh 127.0.0.1:{fleet.GATEWAY_SSH_PORT})"):
+                gateway_host = _ensure_gateway(
+                    client, refs["sandbox-host"], gateway, pubkey, paths, progress
+                )
+            inventory_file = fleet.write_inventory(
+                paths.fleet_inventory, sandbox_hosts, gateway_host, repo_root()
+            )
+            progress(f"  fleet inventory: {inventory_file}")
+        else:
+            fleet.remove_inventory(paths.fleet_inventory)
+        _write_known_hosts(client, sandbox_hosts + ([gateway_host] if gateway_host else []), paths)
 
         state = SandboxState(
             hosts=sandbox_hosts,
@@ -241,11 +269,14 @@ def up(hosts: int = 1, *, progress: Progress = print) -> SandboxState:
             },
             images=refs,
             vllm_image=vllm_image,
+            gateway_host=gateway_host,
+            inventory=str(paths.fleet_inventory / "hosts.yml") if fleet_mode else None,
         )
         _write_json(paths.state, state.to_dict())
     progress(
-        f"sandbox up in {fmt_duration(time.monotonic() - start)}: {len(sandbox_hosts)} host(s), "
-        f"state in {paths.state}"
+        f"sandbox up in {fmt_duration(time.monotonic() - start)}: {len(sandbox_hosts)} host(s)"
+        + (" and a gateway" if fleet_mode else "")
+        + f", state in {paths.state}"
     )
     return state
 
@@ -560,72 +591,164 @@ def _authorized_keys_tar(pubkey: str) -> bytes:
     return buf.getvalue()
 
 
-def _host_run_kwargs(n: int, gateway: str) -> dict:
-    """The container settings of sandbox host ``n`` (systemd as PID 1, nested Docker)."""
+def _systemd_host_kwargs(
+    name: str,
+    hostname: str,
+    labels: dict,
+    ssh: int,
+    api: int,
+    gateway: str,
+    docker_volume: str | None = None,
+) -> dict:
+    """Container settings of a sandbox host: systemd as PID 1, SSH and port 8000 published
+    on 127.0.0.1, a volume for a nested Docker where one runs."""
+    volumes = {"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}}
+    if docker_volume:
+        volumes[docker_volume] = {"bind": "/var/lib/docker", "mode": "rw"}
     return {
-        "name": host_container(n),
-        "hostname": host_hostname(n),
-        "labels": {ROLE_LABEL: ROLE_HOST, "servekit.sandbox.index": str(n)},
+        "name": name,
+        "hostname": hostname,
+        "labels": labels,
         "cap_add": ["SYS_ADMIN", "NET_ADMIN"],
         "security_opt": ["seccomp=unconfined"],
         "cgroupns": "host",
-        "volumes": {
-            "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
-            host_volume(n): {"bind": "/var/lib/docker", "mode": "rw"},
-        },
+        "volumes": volumes,
         "tmpfs": {"/run": "rw,nosuid,nodev,exec,mode=755", "/run/lock": "rw,nosuid,nodev,noexec"},
         "stop_signal": "SIGRTMIN+3",
         # A real server's /dev/shm is half its RAM; vLLM shares it with --ipc=host.
         "shm_size": "2g",
         "extra_hosts": {CONTROL_HOSTNAME: gateway},
-        "ports": {
-            "22/tcp": ("127.0.0.1", ssh_port(n)),
-            "8000/tcp": ("127.0.0.1", api_port(n)),
-        },
+        "ports": {"22/tcp": ("127.0.0.1", ssh), "8000/tcp": ("127.0.0.1", api)},
         "restart_policy": {"Name": "unless-stopped"},
     }
 
 
+def _host_run_kwargs(n: int, gateway: str, fleet_mode: bool = False) -> dict:
+    """The container settings of sandbox host ``n`` (systemd as PID 1, nested Docker)."""
+    return _systemd_host_kwargs(
+        host_container(n),
+        host_hostname(n),
+        {ROLE_LABEL: ROLE_HOST, "servekit.sandbox.index": str(n)},
+        ssh_port(n),
+        api_port(n, fleet_mode),
+        gateway,
+        host_volume(n),
+    )
+
+
+def _gateway_run_kwargs(gateway: str) -> dict:
+    """The gateway host: a sandbox host without nested Docker, owning 127.0.0.1:8000."""
+    return _systemd_host_kwargs(
+        fleet.GATEWAY_CONTAINER,
+        fleet.GATEWAY_HOSTNAME,
+        {ROLE_LABEL: fleet.ROLE_GATEWAY},
+        fleet.GATEWAY_SSH_PORT,
+        fleet.GATEWAY_API_PORT,
+        gateway,
+    )
+
+
+def _published_port(container, port: str = "8000/tcp") -> int | None:
+    bindings = (container.attrs.get("HostConfig", {}).get("PortBindings") or {}).get(port) or []
+    return int(bindings[0]["HostPort"]) if bindings and bindings[0].get("HostPort") else None
+
+
+def _bridge_address(container) -> str:
+    container.reload()
+    settings = container.attrs.get("NetworkSettings", {})
+    return settings.get("IPAddress") or (
+        (settings.get("Networks") or {}).get("bridge", {}).get("IPAddress") or ""
+    )
+
+
 def _ensure_host(
-    client, n: int, image: str, gateway: str, pubkey: str, paths: _Paths, progress: Progress
+    client,
+    n: int,
+    image: str,
+    gateway: str,
+    pubkey: str,
+    paths: _Paths,
+    progress: Progress,
+    fleet_mode: bool = False,
 ) -> SandboxHost:
     name = host_container(n)
+    ssh, api = ssh_port(n), api_port(n, fleet_mode)
     container = _get_container(client, name)
     if container is not None and container.image.id != client.images.get(image).id:
         progress(f"  {name} runs an older sandbox-host image; `down` and `up` to recreate it")
+    published = _published_port(container) if container is not None else None
+    if container is not None and published not in (None, api):
+        # Between single-host and fleet mode the API port moves: recreate the container
+        # (its Docker volume, with the pulled vLLM image, stays); a deploy re-converges it.
+        progress(f"  {name} publishes its API on {published}, not {api}: recreating it")
+        _remove_container(client, container, progress, frozenset({host_volume(n)}))
+        container = None
     if container is None:
         _ensure_volume(client, host_volume(n))
-        container = client.containers.create(image, **_host_run_kwargs(n, gateway))
+        container = client.containers.create(image, **_host_run_kwargs(n, gateway, fleet_mode))
         container.put_archive("/root", _authorized_keys_tar(pubkey))
-        _start(container, n)
+        _start(container, ssh, api)
     else:
         container.put_archive("/root", _authorized_keys_tar(pubkey))
         if container.status != "running":
             progress(f"  starting the existing {name} ({container.status})")
-            _start(container, n)
+            _start(container, ssh, api)
         else:
             progress(f"  {name} already running")
     _wait_for_systemd(container, progress)
-    _wait_for_ssh(client, container, n, paths)
+    _wait_for_ssh(client, container, ssh, paths)
     return SandboxHost(
         index=n,
         name=name,
         hostname=host_hostname(n),
         container_id=container.id,
         ssh_host="127.0.0.1",
-        ssh_port=ssh_port(n),
-        api_port=api_port(n),
+        ssh_port=ssh,
+        api_port=api,
         docker_volume=host_volume(n),
+        address=_bridge_address(container),
     )
 
 
-def _start(container, n: int) -> None:
+def _ensure_gateway(
+    client, image: str, gateway: str, pubkey: str, paths: _Paths, progress: Progress
+) -> SandboxHost:
+    """The gateway host of fleet mode (the gateway role installs HAProxy on it)."""
+    name = fleet.GATEWAY_CONTAINER
+    ssh, api = fleet.GATEWAY_SSH_PORT, fleet.GATEWAY_API_PORT
+    container = _get_container(client, name)
+    if container is None:
+        container = client.containers.create(image, **_gateway_run_kwargs(gateway))
+    container.put_archive("/root", _authorized_keys_tar(pubkey))
+    if container.status != "running":
+        _start(container, ssh, api)
+    _wait_for_systemd(container, progress)
+    _wait_for_ssh(client, container, ssh, paths)
+    return SandboxHost(
+        index=0,
+        name=name,
+        hostname=fleet.GATEWAY_HOSTNAME,
+        container_id=container.id,
+        ssh_host="127.0.0.1",
+        ssh_port=ssh,
+        api_port=api,
+        docker_volume="",
+        address=_bridge_address(container),
+    )
+
+
+def _remove_gateway(client, progress: Progress) -> None:
+    """Remove a gateway host left from fleet mode."""
+    for container in _sandbox_containers(client, fleet.ROLE_GATEWAY):
+        _remove_container(client, container, progress)
+
+
+def _start(container, ssh: int, api: int) -> None:
     try:
         container.start()
     except Exception as exc:
         raise SandboxError(
-            f"cannot start {container.name}: {exc} "
-            f"(are ports {ssh_port(n)} and {api_port(n)} on 127.0.0.1 free?)"
+            f"cannot start {container.name}: {exc} (are ports {ssh} and {api} on 127.0.0.1 free?)"
         ) from exc
 
 
@@ -694,18 +817,18 @@ def ssh_command(port: int, key: Path, known_hosts: Path | None = None) -> list[s
     ]
 
 
-def _wait_for_ssh(client, container, n: int, paths: _Paths) -> None:
+def _wait_for_ssh(client, container, port: int, paths: _Paths) -> None:
     # The host's own keys go in a known_hosts file, so the check verifies the server too.
     _write_known_hosts(
         client,
-        [SandboxHost(n, container.name, "", container.id, "127.0.0.1", ssh_port(n), 0, "")],
+        [SandboxHost(0, container.name, "", container.id, "127.0.0.1", port, 0, "")],
         paths,
     )
     last: dict[str, str] = {}
 
     def ready():
         proc = subprocess.run(
-            [*ssh_command(ssh_port(n), paths.key, paths.known_hosts), "true"],
+            [*ssh_command(port, paths.key, paths.known_hosts), "true"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -714,7 +837,7 @@ def _wait_for_ssh(client, container, n: int, paths: _Paths) -> None:
         return proc.returncode == 0
 
     try:
-        _wait_until(ready, f"ssh to {container.name} on 127.0.0.1:{ssh_port(n)}", timeout=60)
+        _wait_until(ready, f"ssh to {container.name} on 127.0.0.1:{port}", timeout=60)
     except SandboxError as exc:
         raise SandboxError(f"{exc}; last error: {last.get('err')}") from None
 
@@ -772,6 +895,8 @@ def down(*, purge: bool = False, progress: Progress = print) -> None:
         client = docker_client()
         for container in _sandbox_containers(client, ROLE_HOST):
             _remove_container(client, container, progress)
+        _remove_gateway(client, progress)
+        fleet.remove_inventory(paths.fleet_inventory)
         registries = _sandbox_containers(client, ROLE_REGISTRY)
         named = _get_container(client, REGISTRY_CONTAINER)
         if named is not None and named.id not in {c.id for c in registries}:
@@ -815,10 +940,22 @@ def status() -> dict:
                 "name": container.name,
                 "status": container.status,
                 "ssh_port": ssh_port(int(index)) if index.isdigit() else None,
-                "api_port": api_port(int(index)) if index.isdigit() else None,
+                "api_port": _published_port(container),
                 "image": (container.image.tags or [container.image.id])[0],
             }
         )
+    gateways = _sandbox_containers(client, fleet.ROLE_GATEWAY)
+    result["gateway"] = (
+        {
+            "name": gateways[0].name,
+            "status": gateways[0].status,
+            "ssh_port": _published_port(gateways[0], "22/tcp"),
+            "api_port": _published_port(gateways[0]),
+            "inventory": str(paths.fleet_inventory / "hosts.yml"),
+        }
+        if gateways
+        else None
+    )
     registry = _get_container(client, REGISTRY_CONTAINER)
     resp = _http_get(f"http://127.0.0.1:{REGISTRY_PORT}/v2/") if registry else None
     result["registry"] = {
