@@ -50,8 +50,42 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from servekit.verify import run_verify
 
-    result = run_verify(Path(args.inventory), Path(args.report_dir), args.group, jobs=args.jobs)
+    result = run_verify(
+        Path(args.inventory),
+        Path(args.report_dir),
+        args.group,
+        jobs=args.jobs,
+        gateway_group=args.gateway_group or None,
+    )
     return 0 if result.ok else 1
+
+
+def _cmd_k8s_values(args: argparse.Namespace) -> int:
+    from servekit.inventory import InventoryError
+    from servekit.k8s import K8sValuesError, render, values_from_inventory
+
+    resources = {
+        k: v
+        for k, v in {
+            "request_cpu": args.request_cpu,
+            "request_memory": args.request_memory,
+            "pvc_storage": args.pvc_storage,
+        }.items()
+        if v is not None
+    }
+    try:
+        data = values_from_inventory(
+            Path(args.inventory),
+            args.group,
+            image=args.image,
+            resources=resources,
+            secret_name=args.secret_name,
+        )
+    except (K8sValuesError, InventoryError) as exc:
+        print(f"servekit k8s-values: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(data, args.inventory, args.group))
+    return 0
 
 
 def _cmd_mirror_serve(args: argparse.Namespace) -> int:
@@ -80,7 +114,7 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     from servekit.sandbox import manager
 
     if args.action == "up":
-        manager.up(hosts=args.hosts)
+        manager.up(hosts=args.hosts, gateway=args.gateway)
     elif args.action == "down":
         manager.down(purge=args.purge)
     else:
@@ -126,9 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--inventory", required=True)
     v.add_argument("--group", default="gpu_hosts")
+    v.add_argument(
+        "--gateway-group",
+        default="gateway",
+        help="inventory group of the gateway hosts, checked and probed too ('' for none)",
+    )
     v.add_argument("--report-dir", default="reports")
     v.add_argument("--jobs", type=int, default=16, help="hosts checked at once (default 16)")
     v.set_defaults(func=_cmd_verify)
+
+    k = sub.add_parser(
+        "k8s-values",
+        help="Helm values for the vLLM production-stack chart, from the inventory",
+        description="Prints values.yaml for the vllm-stack chart "
+        "(https://github.com/vllm-project/production-stack): one modelSpec per distinct "
+        "serving configuration of the group's hosts, replicaCount = hosts sharing it. The API "
+        "key becomes a reference to a Kubernetes Secret, never the key.",
+    )
+    k.add_argument("--inventory", required=True)
+    k.add_argument("--group", default="gpu_hosts")
+    k.add_argument("--image", help="image instead of the inventory's (name:tag@sha256:...)")
+    k.add_argument("--request-cpu", type=int, help="CPUs per replica (default 8)")
+    k.add_argument("--request-memory", help="memory per replica (default 32Gi)")
+    k.add_argument("--pvc-storage", help="model volume per replica (default 50Gi)")
+    k.add_argument("--secret-name", default="servekit-vllm-api-key", help="Secret with the key")
+    k.set_defaults(func=_cmd_k8s_values)
 
     m = sub.add_parser("mirror", help="ModelScope-compatible model mirror")
     msub = m.add_subparsers(dest="mirror_command", required=True)
@@ -152,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sandbox", help="local sandbox GPU hosts (containers with systemd)")
     s.add_argument("action", choices=["up", "down", "status"])
     s.add_argument("--hosts", type=int, default=1)
+    s.add_argument(
+        "--gateway",
+        action="store_true",
+        help="up: fleet mode, a gateway host on 127.0.0.1:8000 in front of the hosts",
+    )
     s.add_argument("--purge", action="store_true", help="down: also drop the registry cache")
     s.set_defaults(func=_cmd_sandbox)
 

@@ -34,6 +34,10 @@ class ProbeTarget:
     # Where api_key came from: "inventory", "env" (SERVEKIT_API_KEY), "none" (no key
     # configured) or "unresolved" (a template or vault value and SERVEKIT_API_KEY unset).
     api_key_source: str = "none"
+    # The probes to run (None: all of them). A gateway refuses /metrics unless told otherwise.
+    checks: tuple[str, ...] | None = None
+    # "host" (a vLLM server) or "gateway" (the endpoint in front of them).
+    kind: str = "host"
 
 
 class InventoryError(RuntimeError):
@@ -149,6 +153,64 @@ def probe_targets(
                 max_model_len=int(_plain(hv.get("vllm_service_max_model_len"), hv) or 8192),
                 reasoning_parser="qwen3" if parser is None else (str(parser) or None),
                 api_key_source=source,
+            )
+        )
+    return targets
+
+
+def _gateway_api_key(
+    hv: Mapping[str, object], backend: ProbeTarget | None, env: Mapping[str, str]
+) -> tuple[str | None, str]:
+    """The key a client sends through the gateway: the gateway's own when it checks one,
+    else the backends' (the header is passed on to them)."""
+    raw = hv.get("gateway_api_key")
+    if raw is None or raw == "":
+        return (backend.api_key, backend.api_key_source) if backend else (None, "none")
+    if is_unresolved(raw):
+        from_env = env.get(API_KEY_ENV) or None
+        return from_env, "env" if from_env else "unresolved"
+    return str(raw), "inventory"
+
+
+def gateway_targets(
+    inventory: Path,
+    group: str = "gateway",
+    backend_group: str = "gpu_hosts",
+    env: Mapping[str, str] | None = None,
+) -> list[ProbeTarget]:
+    """One probe target per gateway host: its URL (``servekit_probe_url``, else its address
+    and ``gateway_port``), the model the backends serve, and every probe but ``metrics``
+    unless ``gateway_expose_metrics`` is true."""
+    from servekit.probe import PROBE_NAMES
+
+    env = os.environ if env is None else env
+    gateways = load_hostvars(inventory, group)
+    if not gateways:
+        return []
+    backends = probe_targets(inventory, backend_group, env)
+    first = backends[0] if backends else None
+    targets = []
+    for host, hostvars in gateways.items():
+        hv = {"inventory_hostname": host, **hostvars}
+        port = _plain(hv.get("gateway_port"), hv) or 8000
+        address = _plain(hv.get("ansible_host"), hv) or host
+        bind = _plain(hv.get("gateway_bind_address"), hv) or "0.0.0.0"
+        if bind not in ("0.0.0.0", "127.0.0.1", "::", "localhost"):
+            address = f"[{bind}]" if ":" in str(bind) else bind
+        url = _plain(hv.get("servekit_probe_url"), hv) or f"http://{address}:{port}"
+        exposed = _plain(hv.get("gateway_expose_metrics"), hv) is True
+        api_key, source = _gateway_api_key(hv, first, env)
+        targets.append(
+            ProbeTarget(
+                host=host,
+                url=str(url),
+                model=first.model if first else "Qwen3-8B",
+                api_key=api_key,
+                max_model_len=first.max_model_len if first else 8192,
+                reasoning_parser=first.reasoning_parser if first else "qwen3",
+                api_key_source=source,
+                checks=None if exposed else tuple(n for n in PROBE_NAMES if n != "metrics"),
+                kind="gateway",
             )
         )
     return targets

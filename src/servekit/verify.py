@@ -1,8 +1,10 @@
 """`make verify`: host checks (pytest-testinfra) and request probes over one inventory.
 
 Every host of the group is checked in parallel, one pytest process per host (so one slow or
-unreachable host holds up no other); then every endpoint is probed in parallel. Reports go
-to the report directory:
+unreachable host holds up no other); then every endpoint is probed in parallel. Hosts of the
+gateway group get their own host checks (``tests/infra/gateway``: HAProxy, its configuration,
+every backend up) and the request probes through the gateway, without ``/metrics`` (refused
+there unless ``gateway_expose_metrics``). Reports go to the report directory:
 
 - ``hosts.junit.xml``: the host checks, one ``<testsuite>`` per host;
 - ``probes.json``, ``probes.junit.xml``: the request probes;
@@ -21,20 +23,22 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from servekit.inventory import API_KEY_ENV, ProbeTarget, group_hosts
+from servekit.inventory import API_KEY_ENV, ProbeTarget, gateway_targets, group_hosts
 from servekit.inventory import probe_targets as inventory_targets
 from servekit.probe import ProbeResult, ProbeRun, probe_targets
 from servekit.probe.report import render_table, to_json, write_reports
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_CHECKS = ROOT / "tests" / "infra"
+GATEWAY_CHECKS = HOST_CHECKS / "gateway"
+GATEWAY_GROUP = "gateway"
 HOST_JOBS = 16  # pytest processes at once
 _OUTPUT_TAIL = 4000
 
@@ -261,9 +265,11 @@ def check_hosts(
     jobs: int = HOST_JOBS,
     tests: Path = HOST_CHECKS,
     cwd: Path = ROOT,
+    tests_for: Mapping[str, Path] | None = None,
 ) -> list[HostChecks]:
     """Run the host checks on every host, ``jobs`` hosts at a time; write hosts.junit.xml.
 
+    ``tests_for`` gives some hosts other checks than ``tests`` (the gateway hosts).
     Returns one :class:`HostChecks` per host, in the order given.
     """
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -276,7 +282,7 @@ def check_hosts(
             junit = Path(tmp) / f"host-{i}.junit.xml"
             start = time.perf_counter()
             proc = subprocess.run(
-                _pytest_command(host, inventory, junit, tests),
+                _pytest_command(host, inventory, junit, (tests_for or {}).get(host, tests)),
                 cwd=cwd,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -360,11 +366,11 @@ def probe_all(targets: Sequence[ProbeTarget], timeout: float = 60.0) -> list[Pro
     """
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(targets):
-        key = (t.model, t.api_key, t.max_model_len, t.reasoning_parser)
+        key = (t.model, t.api_key, t.max_model_len, t.reasoning_parser, t.checks)
         groups.setdefault(key, []).append(i)
 
     def one(key: tuple) -> list[ProbeRun]:
-        model, api_key, max_model_len, parser = key
+        model, api_key, max_model_len, parser, checks = key
         return probe_targets(
             [(targets[i].host, targets[i].url) for i in groups[key]],
             model=model,
@@ -372,6 +378,7 @@ def probe_all(targets: Sequence[ProbeTarget], timeout: float = 60.0) -> list[Pro
             max_model_len=max_model_len,
             timeout=timeout,
             reasoning_parser=parser,
+            checks=checks,
         )
 
     runs: list[ProbeRun | None] = [None] * len(targets)
@@ -385,9 +392,15 @@ def probe_all(targets: Sequence[ProbeTarget], timeout: float = 60.0) -> list[Pro
 
 
 def run_request_probes(
-    inventory: Path, report_dir: Path, group: str = "gpu_hosts", timeout: float = 60.0
+    inventory: Path,
+    report_dir: Path,
+    group: str = "gpu_hosts",
+    timeout: float = 60.0,
+    gateway_group: str | None = GATEWAY_GROUP,
 ) -> list[ProbeRun]:
     targets = inventory_targets(inventory, group)
+    if gateway_group:
+        targets += gateway_targets(inventory, gateway_group, group)
     _warn_unresolved_keys(targets)
     runs = probe_all(targets, timeout)
     print(render_table(runs))
@@ -482,21 +495,34 @@ def run_verify(
     group: str = "gpu_hosts",
     jobs: int = HOST_JOBS,
     timeout: float = 60.0,
+    gateway_group: str | None = GATEWAY_GROUP,
 ) -> VerifyResult:
     hosts = group_hosts(inventory, group)
+    gateways = (
+        [g for g in group_hosts(inventory, gateway_group) if g not in hosts]
+        if gateway_group
+        else []
+    )
+    also = f" and {len(gateways)} of {gateway_group}" if gateways else ""
     print(
-        f"==> host checks on {len(hosts)} host(s) of {group} in {inventory} "
-        f"({min(jobs, len(hosts)) or 1} at a time)",
+        f"==> host checks on {len(hosts)} host(s) of {group}{also} in {inventory} "
+        f"({min(jobs, len(hosts) + len(gateways)) or 1} at a time)",
         flush=True,
     )
-    checks = check_hosts(hosts, inventory, report_dir, jobs)
+    checks = check_hosts(
+        hosts + gateways,
+        inventory,
+        report_dir,
+        jobs,
+        tests_for=dict.fromkeys(gateways, GATEWAY_CHECKS),
+    )
     for c in checks:
         if not c.ok:
             print(f"--- host checks of {c.host} (pytest output)\n{c.output.rstrip()}\n", flush=True)
     print(render_table(host_checks_as_runs(checks)), flush=True)
 
-    print(f"==> request probes on {group} of {inventory}", flush=True)
-    runs = run_request_probes(inventory, report_dir, group, timeout)
+    print(f"==> request probes on {group}{also} of {inventory}", flush=True)
+    runs = run_request_probes(inventory, report_dir, group, timeout, gateway_group)
     result = VerifyResult(host_checks_rc(checks), runs, checks)
     report = write_verify_json(result, report_dir, inventory, group)
     verdict = "PASSED" if result.ok else "FAILED"

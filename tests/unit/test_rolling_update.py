@@ -35,8 +35,6 @@ from gateway_helpers import (
     start_live_gateway,
 )
 
-pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed")
-
 ROLES = ROOT / "ansible" / "roles"
 
 PLAYBOOK = """
@@ -91,6 +89,8 @@ def backends() -> Iterator[dict[str, FakeBackend]]:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, backends) -> Iterator[Gateway]:
+    if HAPROXY is None:
+        pytest.skip("haproxy not installed")
     gateway = start_live_gateway(tmp_path_factory.mktemp("gateway"), backends)
     yield gateway
     gateway.stop()
@@ -216,3 +216,42 @@ def test_the_roll_out_uses_the_paths_and_names_of_the_roles_it_drives():
     assert rolling["_rolling_update_haproxy_api"] == f"{gateway['_gateway_libexec']}/haproxy-api"
     assert gateway["_gateway_backend"] == "vllm"
     assert "haproxy-api" in (ROLES / "gateway" / "files" / "haproxy-api").read_text()
+
+
+PREFLIGHT = """
+- name: Rolling update preflight
+  hosts: gpu_hosts
+  gather_facts: false
+  tasks:
+    - name: Check
+      ansible.builtin.include_role: {name: rolling_update, tasks_from: preflight}
+"""
+
+BAD_SETTINGS = [
+    ("batch-zero", {"servekit_rolling_batch": 0}, "servekit_rolling_batch=\"0\"", "-e servekit"),
+    ("batch-words", {"servekit_rolling_batch": "half"}, "servekit_rolling_batch", '"25%"'),
+    ("batch-150%", {"servekit_rolling_batch": "150%"}, "servekit_rolling_batch", '"25%"'),
+    ("batch-everyone", {"servekit_rolling_batch": 3}, "updates all 3 hosts", "smaller batch"),
+    ("batch-100%", {"servekit_rolling_batch": "100%"}, "updates all 3 hosts", "make deploy"),
+    ("one-model-version", {"model_keep_versions": 1}, "model_keep_versions=1", "set 2 or more"),
+    ("ready-zero", {"rolling_update_ready_timeout": 0}, "rolling_update_ready_timeout", "at least"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS, ids=[c[0] for c in BAD_SETTINGS])
+def test_bad_roll_out_settings_are_refused(tmp_path, case):
+    _, extra, names, hint = case
+    hosts = {name: {} for name in ("b1", "b2", "b3")}
+    inventory = {"all": {"vars": LOCAL, "children": {"gpu_hosts": {"hosts": hosts}}}}
+    run = run_playbook(tmp_path, inventory, PREFLIGHT, extra)
+    assert run.rc != 0, run.output[-3000:]
+    message = run.failure("b1")
+    assert names in message and hint in message, message
+
+
+@pytest.mark.parametrize("batch", [1, 2, "50%", "10%"])
+def test_good_roll_out_settings_pass(tmp_path, batch):
+    hosts = {name: {} for name in ("b1", "b2", "b3")}
+    inventory = {"all": {"vars": LOCAL, "children": {"gpu_hosts": {"hosts": hosts}}}}
+    run = run_playbook(tmp_path, inventory, PREFLIGHT, {"servekit_rolling_batch": batch})
+    assert run.rc == 0, run.output[-3000:]

@@ -466,9 +466,11 @@ def test_host_checks_render_as_a_table_per_host():
 
 def test_run_verify_writes_every_report(monkeypatch, tmp_path, capsys):
     result = sample_result()
-    monkeypatch.setattr(verify, "group_hosts", lambda inv, group: ["gpu-01", "gpu-02"])
+    groups = {"gpu_hosts": ["gpu-01", "gpu-02"]}
+    monkeypatch.setattr(verify, "group_hosts", lambda inv, group: groups.get(group, []))
     monkeypatch.setattr(verify, "check_hosts", lambda *a, **k: result.hosts)
     monkeypatch.setattr(verify, "inventory_targets", lambda inv, group: [])
+    monkeypatch.setattr(verify, "gateway_targets", lambda inv, group, backends: [])
     monkeypatch.setattr(verify, "probe_all", lambda targets, timeout: result.runs)
     got = verify.run_verify(Path("inv.yml"), tmp_path, "gpu_hosts")
     assert not got.ok and got.host_checks_rc == 1
