@@ -18,7 +18,11 @@ HOST_CONTAINER = "servekit-sandbox-1"
 
 
 def ansible_playbook(
-    log_name: str, playbook: str = "site.yml", *extra: str, expect_ok: bool = True
+    log_name: str,
+    playbook: str = "site.yml",
+    *extra: str,
+    expect_ok: bool = True,
+    inventory: Path = INVENTORY,
 ) -> str:
     """Runs a playbook on the sandbox like `make deploy` does; returns the output."""
     env = dict(
@@ -33,7 +37,7 @@ def ansible_playbook(
             [
                 f"{bindir}/ansible-playbook",
                 "-i",
-                str(INVENTORY),
+                str(inventory),
                 f"ansible/playbooks/{playbook}",
                 *extra,
             ],

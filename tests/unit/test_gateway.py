@@ -172,8 +172,11 @@ def gateway(live, backends) -> Iterator[Gateway]:
 
 @needs_haproxy
 def test_requests_are_spread_and_streams_pass_through_unbuffered(gateway, backends):
+    before = {n: gateway.server(n)["requests"] for n in ("b1", "b2")}
     servers = [gateway.chat().json()["server"] for _ in range(8)]
     assert set(servers) == {"b1", "b2"}, servers
+    after = {n: gateway.server(n)["requests"] for n in ("b1", "b2")}
+    assert sum(after.values()) - sum(before.values()) == 8, (before, after)
     arrivals = []
     start = time.monotonic()
     resp = requests.post(

@@ -228,7 +228,7 @@ PREFLIGHT = """
 """
 
 BAD_SETTINGS = [
-    ("batch-zero", {"servekit_rolling_batch": 0}, "servekit_rolling_batch=\"0\"", "-e servekit"),
+    ("batch-zero", {"servekit_rolling_batch": 0}, 'servekit_rolling_batch="0"', "-e servekit"),
     ("batch-words", {"servekit_rolling_batch": "half"}, "servekit_rolling_batch", '"25%"'),
     ("batch-150%", {"servekit_rolling_batch": "150%"}, "servekit_rolling_batch", '"25%"'),
     ("batch-everyone", {"servekit_rolling_batch": 3}, "updates all 3 hosts", "smaller batch"),
