@@ -31,11 +31,16 @@ class Stream:
     last: float  # last chunk that carries generated text
     total: float  # end of the response
     tokens: int  # usage.completion_tokens
+    arrivals: int = 0  # distinct arrival times of the chunks that carry text
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        """Tokens after the first, over the time after the first (the decode rate)."""
-        if self.tokens < 2 or self.last <= self.ttft:
+        """Tokens after the first, over the time after the first (the decode rate).
+
+        None when the text did not arrive token by token: a server that outruns the client
+        delivers many chunks in one read, and a rate over such bursts measures the reads.
+        """
+        if self.tokens < 2 or self.last <= self.ttft or self.arrivals < max(2, self.tokens // 2):
             return None
         return (self.tokens - 1) / (self.last - self.ttft)
 
@@ -56,6 +61,7 @@ def measure(events: Iterable[tuple[float, str]], sent_at: float, end_at: float) 
     """A :class:`Stream` from ``(arrival time, data)`` SSE events of one request."""
     first = last = None
     tokens = None
+    arrivals: set[float] = set()
     for at, data in events:
         if data.strip() == "[DONE]":
             continue
@@ -63,6 +69,7 @@ def measure(events: Iterable[tuple[float, str]], sent_at: float, end_at: float) 
         if chunk_has_text(chunk):
             first = at if first is None else first
             last = at
+            arrivals.add(at)
         usage = chunk.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             tokens = usage["completion_tokens"]
@@ -70,7 +77,7 @@ def measure(events: Iterable[tuple[float, str]], sent_at: float, end_at: float) 
         raise RuntimeError("the stream carried no generated text")
     if tokens is None:
         raise RuntimeError("the stream carried no usage (stream_options.include_usage)")
-    return Stream(first - sent_at, last - sent_at, end_at - sent_at, tokens)
+    return Stream(first - sent_at, last - sent_at, end_at - sent_at, tokens, len(arrivals))
 
 
 def request_body(model: str, max_tokens: int) -> dict:

@@ -730,6 +730,9 @@ def test_stream_metrics_from_events():
     with pytest.raises(RuntimeError, match="no generated text"):
         bs.measure(events[:1], 10.0, 11.0)
     assert bs.Stream(0.1, 0.1, 0.2, 1).decode_tokens_per_s is None
+    # 64 tokens in two reads: the gap between reads is no decode rate.
+    assert bs.Stream(0.1, 0.1001, 0.2, 64, arrivals=2).decode_tokens_per_s is None
+    assert bs.Stream(0.1, 0.7, 0.8, 64, arrivals=40).decode_tokens_per_s == pytest.approx(105)
     body = bs.request_body("Qwen3-8B", 64)
     assert body["ignore_eos"] and body["stream_options"] == {"include_usage": True}
 
