@@ -79,12 +79,14 @@ BAD = [
 def bad_runs(tmp_path_factory) -> dict[str, Run]:
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(case) -> Run:
-        case_id, gateway, backends, _, _ = case
-        return render(tmp_path_factory.mktemp(case_id), backends=backends, **gateway)
+    def one(case, workdir) -> Run:
+        _, gateway, backends, _, _ = case
+        return render(workdir, backends=backends, **gateway)
 
+    # Made here, not in the threads: pytest's temporary directories are not thread-safe.
+    workdirs = [tmp_path_factory.mktemp(case[0]) for case in BAD]
     with ThreadPoolExecutor(max_workers=min(6, 2 * (os.cpu_count() or 1))) as pool:
-        return dict(zip((c[0] for c in BAD), pool.map(one, BAD), strict=True))
+        return dict(zip((c[0] for c in BAD), pool.map(one, BAD, workdirs), strict=True))
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
