@@ -265,7 +265,8 @@ def test_rolling_image_and_flag_update_under_load_fails_no_request(serving):
     for n in range(1, HOSTS + 1):
         container = manager.host_container(n)
         assert running_image(container) == image, f"{container} does not run the new image"
-        assert "--max-num-seqs 32" in " ".join(unit_text(container).split()), container
+        exec_start = " ".join(unit_text(container).replace("\\\n", " ").split())
+        assert "--max-num-seqs 32" in exec_start, f"{container}: {exec_start[:600]}"
     # One host at a time: the batches are in the output in inventory order.
     drains = [
         line
