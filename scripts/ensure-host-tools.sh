@@ -3,6 +3,7 @@
 # reach sandbox hosts) and a Docker engine that answers; install and start them if needed.
 # Also promtool (Debian's prometheus package, pinned), which checks and unit-tests the
 # monitoring role's alert rules; the Prometheus server of that package is not left running.
+# And HAProxy (pinned, as the gateway role installs it), which the gateway's unit tests run.
 # Usable before servekit's virtualenv exists (make, CI). Same logic as
 # servekit.sandbox.engine.ensure_docker_engine:
 #   - `docker info` works            -> nothing to do
@@ -15,6 +16,8 @@ set -eu
 DOCKERD_LOG=${DOCKERD_LOG:-/var/log/servekit-dockerd.log}
 # The version the monitoring role pins on Debian 12 (monitoring_prometheus_version).
 PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-2.42.0+ds-5+deb12u1}
+# The version the gateway role pins on Debian 12 (gateway_haproxy_version).
+HAPROXY_VERSION=${HAPROXY_VERSION:-2.6.12-1+deb12u4}
 TIMEOUT=${TIMEOUT:-60}
 
 say() { echo "ensure-docker: $*"; }
@@ -54,6 +57,21 @@ if ! command -v promtool >/dev/null 2>&1; then
     # Only promtool is wanted: stop the server the package starts where systemd runs.
     if [ -d /run/systemd/system ]; then
         systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+fi
+
+if ! command -v haproxy >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || die "haproxy is missing; installing it needs root (run: sudo $0)"
+    say "installing haproxy=$HAPROXY_VERSION (the gateway's tests run it)…"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update >/dev/null || die "apt-get update failed"
+    apt-get install -y --no-install-recommends "haproxy=$HAPROXY_VERSION" >/dev/null ||
+        die "apt-get install haproxy=$HAPROXY_VERSION failed"
+    # Only the binary is wanted: the tests start their own instances.
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now haproxy >/dev/null 2>&1 || true
+    else
+        service haproxy stop >/dev/null 2>&1 || true
     fi
 fi
 

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from fake_backend import MODEL, FakeBackend
-from gateway_helpers import HAPROXY, HELPER, KEY, Gateway, Run, render, start_live_gateway
+from fake_backend import MODEL
+from gateway_helpers import HAPROXY, HELPER, KEY, Gateway, Run, render
 
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed")
 
@@ -138,23 +138,6 @@ def test_rendered_configuration(tmp_path):
 
 
 # ---------------------------------------------------------------------- live HAProxy
-
-
-@pytest.fixture(scope="module")
-def backends() -> Iterator[dict[str, FakeBackend]]:
-    servers = {name: FakeBackend(name).start() for name in ("b1", "b2")}
-    yield servers
-    for server in servers.values():
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory, backends) -> Iterator[Gateway]:
-    if HAPROXY is None:
-        pytest.skip("haproxy not installed")
-    gateway = start_live_gateway(tmp_path_factory.mktemp("live"), backends)
-    yield gateway
-    gateway.stop()
 
 
 @pytest.fixture

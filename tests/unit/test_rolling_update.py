@@ -22,9 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_backend import FakeBackend
 from gateway_helpers import (
-    HAPROXY,
     HELPER,
     KEY,
     LOCAL,
@@ -32,7 +30,6 @@ from gateway_helpers import (
     Gateway,
     Run,
     run_playbook,
-    start_live_gateway,
 )
 
 ROLES = ROOT / "ansible" / "roles"
@@ -77,23 +74,6 @@ PLAYBOOK = """
         - name: Roll back
           ansible.builtin.include_role: {name: rolling_update, tasks_from: rollback}
 """
-
-
-@pytest.fixture(scope="module")
-def backends() -> Iterator[dict[str, FakeBackend]]:
-    servers = {name: FakeBackend(name).start() for name in ("b1", "b2")}
-    yield servers
-    for server in servers.values():
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory, backends) -> Iterator[Gateway]:
-    if HAPROXY is None:
-        pytest.skip("haproxy not installed")
-    gateway = start_live_gateway(tmp_path_factory.mktemp("gateway"), backends)
-    yield gateway
-    gateway.stop()
 
 
 @pytest.fixture
