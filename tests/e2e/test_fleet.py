@@ -246,29 +246,32 @@ def test_fleet_deploys_and_verifies(serving, tmp_path):
 
 def test_killing_a_host_under_load_fails_no_request(serving):
     victim = manager.host_container(2)
-    with Load(workers=4) as load:
-        load.wait_for_answers(20)
-        killed_at = time.monotonic()
-        power_cut(victim)
-        wait_for(lambda: not gateway_servers()["sandbox-2"]["up"], "the gateway takes it out", 60)
-        taken_out_at = time.monotonic()
-        taken_out_s = taken_out_at - killed_at
-        answered = load.ok
-        time.sleep(20)  # the two others carry the load
-        assert load.ok > answered, "the remaining hosts stopped answering"
-    # A request the dead host was answering when the power went is cut with it (its connection
-    # to a machine that is gone cannot be replayed once sent); at most one per worker. Every
-    # request sent once the health check took the host out is answered.
+    try:
+        with Load(workers=4) as load:
+            load.wait_for_answers(20)
+            power_cut(victim)
+            stopped_at = time.monotonic()
+            wait_for(
+                lambda: not gateway_servers()["sandbox-2"]["up"], "the gateway takes it out", 60
+            )
+            taken_out_at = time.monotonic()
+            answered = load.ok
+            time.sleep(20)  # the two others carry the load
+            assert load.ok > answered, "the remaining hosts stopped answering"
+    finally:
+        # Bring it back: start the container (vLLM comes back with it, enabled at boot); its
+        # bridge address may change, so rewrite the inventory and reconfigure the gateway.
+        docker("start", victim)
+        state = manager.up(hosts=HOSTS, gateway=True)
+        ansible_playbook("fleet-gateway-again", "gateway.yml", inventory=Path(state.inventory))
+    # A request the dying host was answering is cut with it (a request sent to a machine that
+    # is gone cannot be replayed): at most one per worker. Every request sent once the health
+    # check took the host out is answered.
     after_removal = [t for t in load.failed_sent_at if t >= taken_out_at]
     assert not after_removal, load.summary()
     assert len(load.failures) <= load.workers, load.summary()
+    taken_out_s = taken_out_at - stopped_at
     assert taken_out_s < 30, f"the gateway took {taken_out_s:.0f} s to take the dead host out"
-
-    # Bring it back: start the container (vLLM comes back with it, enabled at boot); its
-    # bridge address may have changed, so rewrite the inventory and reconfigure the gateway.
-    docker("start", victim)
-    state = manager.up(hosts=HOSTS, gateway=True)
-    ansible_playbook("fleet-gateway-again", "gateway.yml", inventory=Path(state.inventory))
 
 
 def test_rolling_image_and_flag_update_under_load_fails_no_request(serving):
