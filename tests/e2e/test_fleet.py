@@ -116,6 +116,9 @@ class Load:
     url: str = GATEWAY_URL
     workers: int = 4
     stream_every: int = 0  # every n-th request streams (0: none)
+    # A steady load, not a saturating one: on the sandbox's two CPU cores, CPU vLLMs kept busy
+    # without pause starve the host being restarted (a start took over 6 minutes).
+    pause_s: float = 0.25
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     failed_sent_at: list[float] = field(default_factory=list)  # when each failed request left
@@ -149,6 +152,7 @@ class Load:
                 detail = self._one(session, stream)
             except requests.RequestException as exc:
                 detail = f"{type(exc).__name__}: {exc}"
+            self._stop.wait(self.pause_s)
             with self._lock:
                 if detail is None:
                     self.ok += 1
