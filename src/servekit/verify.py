@@ -116,6 +116,9 @@ def _test_name(case: ET.Element, host: str | None = None) -> str:
 _RANK = {"PASS": 0, "SKIP": 1, "FAIL": 2}
 
 
+REPORT_PREFIX = "report: "
+
+
 def parse_junit(source: Path | str, host: str | None = None) -> list[HostTest]:
     """Host test results from a pytest JUnit XML file (or its text), in file order.
 
@@ -146,6 +149,14 @@ def parse_junit(source: Path | str, host: str | None = None) -> list[HostTest]:
                 break
             if child.tag == "skipped":
                 status, detail = "SKIP", _clean_message(child.get("message") or "")
+            if child.tag == "system-out" and not detail:
+                # A passing check may report what it saw: its printed "report: ..." lines.
+                reported = [
+                    ln.removeprefix(REPORT_PREFIX).strip()
+                    for ln in (child.text or "").splitlines()
+                    if ln.startswith(REPORT_PREFIX)
+                ]
+                detail = "; ".join(reported)
         name = _test_name(case, host)
         test = HostTest(name, status, float(case.get("time") or 0.0), detail)
         seen = results.get(name)
@@ -254,6 +265,8 @@ def _pytest_command(host: str, inventory: Path, junit: Path, tests: Path) -> lis
         "--color=no",
         "-o",
         "junit_family=xunit2",
+        "-o",
+        "junit_logging=system-out",
         f"--junitxml={junit}",
     ]
 

@@ -45,7 +45,8 @@ def test_prometheus_scrapes_every_target(host, prometheus_url):
         (t["labels"].get("job"), t["labels"].get("host"), t["scrapeUrl"], t["health"])
         for t in targets
     ]
-    print("\n".join(f"{job:<10} {h:<16} {url:<42} {health}" for job, h, url, health in table))
+    # `make verify` shows this line beside the check.
+    print("report: " + ", ".join(f"{job} {h} {url} {health}" for job, h, url, health in table))
     jobs = {job for job, *_ in table}
     assert {"vllm", "node"} <= jobs, f"expected vllm and node scrape jobs, got {sorted(jobs)}"
     down = [

@@ -331,6 +331,23 @@ def test_parse_junit_statuses_messages_and_names():
     assert parse_junit(PYTEST_JUNIT)[-1].name == "test_host.py::test_param"
 
 
+def test_a_passing_check_reports_its_printed_report_lines():
+    xml = (
+        '<testsuites><testsuite name="pytest"><testcase classname="test_monitoring" '
+        'name="test_prometheus_scrapes_every_target[ansible://mon-1]" time="0.5">'
+        "<system-out>noise\nreport: vllm gpu-1 http://10.0.0.5:8000/metrics up, node gpu-1 "
+        "http://10.0.0.5:9100/metrics up\n</system-out></testcase>"
+        '<testcase classname="test_host" name="test_quiet[ansible://mon-1]" time="0.1">'
+        "<system-out>just noise</system-out></testcase></testsuite></testsuites>"
+    )
+    reported, quiet = parse_junit(xml, host="mon-1")
+    assert reported.status == "PASS"
+    assert reported.detail == (
+        "vllm gpu-1 http://10.0.0.5:8000/metrics up, node gpu-1 http://10.0.0.5:9100/metrics up"
+    )
+    assert (quiet.status, quiet.detail) == ("PASS", "")
+
+
 def test_parse_junit_reads_a_file(tmp_path):
     path = tmp_path / "h.xml"
     path.write_text(PYTEST_JUNIT)
