@@ -71,16 +71,16 @@ test-unit: venv ## Unit tests only (no Docker)
 	pytest tests/unit -q $(PYTEST_ARGS)
 
 test-e2e: venv host-tools ## Sandbox end to end: deploy, verify, re-deploy (changed=0), break, destroy
-	pytest tests/e2e -q --ignore tests/e2e/test_faults.py --ignore tests/e2e/test_fleet.py $(PYTEST_ARGS)
+	pytest tests/e2e -q --ignore tests/e2e/test_faults.py --ignore tests/e2e/test_fleet_live.py $(PYTEST_ARGS)
 
 test-faults: venv host-tools ## Fault suite on the sandbox: kill, freeze, crash loop, reboot, load, key; prints the fault table
 	pytest tests/e2e/test_faults.py -q $(PYTEST_ARGS)
 
 test-fleet: venv host-tools ## Sandbox fleet (3 hosts + gateway): a host killed and rolling updates under load, no failed request
-	pytest tests/e2e/test_fleet.py -q $(PYTEST_ARGS)
+	pytest tests/e2e/test_fleet_live.py -q $(PYTEST_ARGS)
 
 test: lint venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end and the fault suite
-	pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet.py $(PYTEST_ARGS)
+	pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet_live.py $(PYTEST_ARGS)
 
 .PHONY: bench bench-model
 

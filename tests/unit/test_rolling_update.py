@@ -8,7 +8,7 @@ systemd): a stand-in task switches the model's `current` link, as the model role
 fail where the server update would. So these tests prove the orchestration: a host is drained
 before its update and put back only after requests verify it; a failure rolls the host back,
 returns it to the gateway and stops the roll-out before the next batch; a roll-back that fails
-too leaves the host out and says so. The sandbox test (tests/e2e/test_fleet.py) runs the real
+too leaves the host out and says so. The sandbox test (tests/e2e/test_fleet_live.py) runs the real
 playbook.
 """
 
