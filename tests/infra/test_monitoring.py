@@ -7,10 +7,12 @@ check with Prometheus's own reason (lastError)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 DEFAULT_LISTEN = "127.0.0.1:9090"
+NEXT_SCRAPE_S = 60  # longer than any sensible scrape interval
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,23 @@ def test_prometheus_is_active_and_enabled(host, prometheus_url):
 
 
 def test_prometheus_scrapes_every_target(host, prometheus_url):
-    result = host.run("curl -s --max-time 10 %s/api/v1/targets?state=active", prometheus_url)
-    assert result.rc == 0, f"Prometheus does not answer on {prometheus_url}: {result.stderr}"
-    targets = json.loads(result.stdout)["data"]["activeTargets"]
+    def active_targets() -> list[dict]:
+        result = host.run("curl -s --max-time 10 %s/api/v1/targets?state=active", prometheus_url)
+        assert result.rc == 0, f"Prometheus does not answer on {prometheus_url}: {result.stderr}"
+        return json.loads(result.stdout)["data"]["activeTargets"]
+
+    # A target that is not up may be judged on an old scrape (not scraped yet right after a
+    # deploy, or scraped while vLLM restarted): judge every target on a scrape made after
+    # this check began (one scrape interval; a poll, not a fixed wait).
+    deadline = time.monotonic() + NEXT_SCRAPE_S
+    targets = active_targets()
+    if any(t["health"] != "up" for t in targets):
+        seen = {t["scrapeUrl"]: t["lastScrape"] for t in targets}
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            targets = active_targets()
+            if all(t["lastScrape"] != seen.get(t["scrapeUrl"]) for t in targets):
+                break
     table = [
         (t["labels"].get("job"), t["labels"].get("host"), t["scrapeUrl"], t["health"])
         for t in targets
