@@ -77,6 +77,12 @@ def wait_healthy(what: str, timeout: float = START_BUDGET_S) -> float:
     return bench_host.poll(sandbox.healthy, what, timeout, 0.2)
 
 
+def wait_started(what: str, timeout: float = START_BUDGET_S) -> float:
+    """Healthy, and vllm.service has finished starting: /health answers before the unit's
+    readiness wait returns, and the health timer leaves a unit that is still starting alone."""
+    return bench_host.poll(sandbox.started_and_healthy, what, timeout, 0.2)
+
+
 def ensure_deployed(ctx: Context) -> None:
     """A converged, healthy sandbox host 1 (deployed now, unmeasured, when there is none)."""
     from servekit.sandbox import manager

@@ -24,6 +24,7 @@ from bench_context import (
     start_vllm_if_stopped,
     unit_start,
     wait_healthy,
+    wait_started,
 )
 from bench_report import figure, ratio
 
@@ -120,12 +121,12 @@ def recovery(ctx: Context) -> dict[str, Any]:
     window = health_window()
     kill_d, kill_h, stop_d, stop_h = [], [], [], []
     for i in range(ctx.runs_for(1)):
-        wait_healthy("healthy before SIGKILL")
+        wait_started("started and healthy before SIGKILL")
         d, h = sigkill_once()
         kill_d.append(d)
         kill_h.append(h)
         ctx.say(f"SIGKILL (run {i + 1}): /health failed after {d:.1f} s, healthy after {h:.1f} s")
-        wait_healthy("healthy before SIGSTOP")
+        wait_started("started and healthy before SIGSTOP")
         d, h = sigstop_once(window)
         stop_d.append(d)
         stop_h.append(h)
