@@ -1017,10 +1017,15 @@ def test_recovery_figures(fake_sandbox, monkeypatch):
     ctx, _ = fake_sandbox
     monkeypatch.setattr(bench_runtime, "ensure_deployed", lambda c: None)
     monkeypatch.setattr(bench_runtime, "host_cmd", lambda *a, **k: "")
-    monkeypatch.setattr(bench_runtime, "wait_healthy", lambda *a, **k: 0.0)
-    monkeypatch.setattr(bench_runtime, "sigkill_once", lambda: (0.5, 48.0))
-    monkeypatch.setattr(bench_runtime, "sigstop_once", lambda window: (70.0, 150.0))
+    events = []
+    monkeypatch.setattr(bench_runtime, "wait_started", lambda *a, **k: events.append("started"))
+    monkeypatch.setattr(bench_runtime, "sigkill_once", lambda: events.append("kill") or (0.5, 48.0))
+    monkeypatch.setattr(
+        bench_runtime, "sigstop_once", lambda window: events.append("stop") or (70.0, 150.0)
+    )
     figures = bench_runtime.recovery(ctx)
+    # A fault only once the unit has finished starting (a freeze during start is systemd's).
+    assert events == ["started", "kill", "started", "stop"]
     assert figures["sigkill_healthy_s"]["runs"] == [48.0]
     assert figures["sigstop_detected_s"]["aim"] == "<= 105 s"  # 75 s window + 30 s stop
     assert ctx.details["recovery"]["health_timer_window_s"] == 75
