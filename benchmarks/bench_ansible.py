@@ -137,6 +137,15 @@ def phase_seconds(profile: Profile) -> dict[str, float]:
     return {k: out[k] for k in order if k in out}
 
 
+def role_seconds(profile: Profile) -> dict[str, float]:
+    """Seconds per role (tasks outside a role under their play's name), in playbook order."""
+    out: dict[str, float] = {}
+    for task in profile.tasks:
+        key = task.role or f"play: {task.play}"
+        out[key] = round(out.get(key, 0.0) + (task.seconds or 0.0), 3)
+    return out
+
+
 def slowest(profile: Profile, count: int = 5) -> list[dict[str, Any]]:
     tasks = sorted(profile.tasks, key=lambda t: t.seconds or 0.0, reverse=True)[:count]
     return [{"task": t.name, "seconds": t.seconds} for t in tasks]

@@ -46,34 +46,26 @@ if [ -n "$missing" ]; then
     apt-get install -y $missing >/dev/null || die "apt-get install$missing failed"
 fi
 
-if ! command -v promtool >/dev/null 2>&1; then
-    [ "$(id -u)" = 0 ] || die "promtool is missing; installing prometheus needs root (run: sudo $0)"
-    say "installing prometheus=$PROMETHEUS_VERSION (for promtool)…"
+# install_pinned COMMAND PACKAGE VERSION WHY: install PACKAGE=VERSION (no recommends) when
+# COMMAND is missing, then stop the service the package starts: only its binary is wanted.
+install_pinned() {
+    command -v "$1" >/dev/null 2>&1 && return 0
+    [ "$(id -u)" = 0 ] || die "$1 is missing; installing $2 needs root (run: sudo $0)"
+    say "installing $2=$3 ($4)…"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update >/dev/null || die "apt-get update failed"
-    # No recommends: they would add node_exporter, which nothing here needs.
-    apt-get install -y --no-install-recommends "prometheus=$PROMETHEUS_VERSION" >/dev/null ||
-        die "apt-get install prometheus=$PROMETHEUS_VERSION failed"
-    # Only promtool is wanted: stop the server the package starts where systemd runs.
+    apt-get install -y --no-install-recommends "$2=$3" >/dev/null ||
+        die "apt-get install $2=$3 failed"
     if [ -d /run/systemd/system ]; then
-        systemctl disable --now prometheus >/dev/null 2>&1 || true
-    fi
-fi
-
-if ! command -v haproxy >/dev/null 2>&1; then
-    [ "$(id -u)" = 0 ] || die "haproxy is missing; installing it needs root (run: sudo $0)"
-    say "installing haproxy=$HAPROXY_VERSION (the gateway's tests run it)…"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update >/dev/null || die "apt-get update failed"
-    apt-get install -y --no-install-recommends "haproxy=$HAPROXY_VERSION" >/dev/null ||
-        die "apt-get install haproxy=$HAPROXY_VERSION failed"
-    # Only the binary is wanted: the tests start their own instances.
-    if [ -d /run/systemd/system ]; then
-        systemctl disable --now haproxy >/dev/null 2>&1 || true
+        systemctl disable --now "$2" >/dev/null 2>&1 || true
     else
-        service haproxy stop >/dev/null 2>&1 || true
+        service "$2" stop >/dev/null 2>&1 || true
     fi
-fi
+}
+
+# No recommends for prometheus: they would add node_exporter, which nothing here needs.
+install_pinned promtool prometheus "$PROMETHEUS_VERSION" "for promtool"
+install_pinned haproxy haproxy "$HAPROXY_VERSION" "the gateway's tests run it"
 
 if engine_ready; then
     exit 0

@@ -169,6 +169,16 @@ def test_profile_tasks_output_gives_each_task_its_duration():
     assert sum(t.seconds for t in profile.tasks) == pytest.approx(112.758 - 0.007, abs=0.01)
 
 
+def test_role_seconds_add_up_and_keep_tasks_outside_roles_under_their_play():
+    profile = ba.parse_profile(CONVERGE)
+    by_role = ba.role_seconds(profile)
+    assert by_role["vllm_service"] == pytest.approx(
+        sum(t.seconds for t in profile.tasks if t.role == "vllm_service")
+    )
+    assert any(key.startswith("play: ") for key in by_role)
+    assert sum(by_role.values()) == pytest.approx(112.758 - 0.007, abs=0.01)
+
+
 def test_tasks_map_to_the_converge_phases():
     profile = ba.parse_profile(CONVERGE)
     phases = {t.name: ba.phase_of(t.play, t.name) for t in profile.tasks}
@@ -940,6 +950,16 @@ def test_reconverge_figures(fake_sandbox, monkeypatch):
     assert figures["reconverge_s"]["runs"] == [115.0] * 3
     assert figures["reconverge_s"]["aim"] == "< 15 s"
     assert figures["changed_tasks"]["median"] == 18
+    assert figures["reconverge_without_monitoring_s"]["runs"] == [115.0] * 3  # none in CONVERGE
+
+
+def test_reconverge_without_the_monitoring_plays(fake_sandbox, monkeypatch):
+    ctx, _ = fake_sandbox
+    monkeypatch.setattr(bench_converge, "ensure_deployed", lambda c: None)
+    monkeypatch.setattr(ba, "role_seconds", lambda profile: {"model": 3.0, "monitoring": 5.5})
+    figures = bench_converge.reconverge(ctx)
+    assert figures["reconverge_without_monitoring_s"]["runs"] == [109.5] * 3
+    assert ctx.details["reconverge"]["seconds_by_role_last_run"]["monitoring"] == 5.5
 
 
 def test_verify_figures_and_clean_up(fake_sandbox, monkeypatch):

@@ -392,32 +392,9 @@ def published(namespaces, docker_host, backend_path) -> Iterator[dict[str, Netns
     host = docker_host
     client, container = Netns(backend_path), Netns(backend_path)
     namespaces += [client, container]
-    host.run(
-        "ip",
-        "link",
-        "add",
-        "vclient",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        str(client.pid),
-    )
-    host.run(
-        "ip",
-        "link",
-        "add",
-        "vbridge",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        str(container.pid),
-    )
+    # A cable from the host to each: the host's end named here, the other end eth0 inside.
+    for host_end, ns in (("vclient", client), ("vbridge", container)):
+        host.run(*f"ip link add {host_end} type veth peer name eth0 netns {ns.pid}".split())
     for ns, device, addresses in (
         (host, "vclient", [HOST_ADDRESS]),
         (host, "vbridge", [BRIDGE]),

@@ -230,20 +230,7 @@ def test_idle_recorded_vllm_raises_no_alert(tmp_path):
         if e.concerns == {"vllm"}
     ]
     assert "VllmMetricsMissing" in vllm_alerts
-    tests = {
-        "rule_files": ["servekit-alerts.yml"],
-        "evaluation_interval": "15s",
-        "tests": [
-            {
-                "interval": "15s",
-                "input_series": _recorded_series(VLLM_METRICS, VLLM_TARGET),
-                "alert_rule_test": [
-                    {"eval_time": "9m", "alertname": name, "exp_alerts": []} for name in vllm_alerts
-                ],
-            }
-        ],
-    }
-    _promtool_test(tmp_path, tests)
+    _assert_silent(tmp_path, _recorded_series(VLLM_METRICS, VLLM_TARGET), vllm_alerts)
 
 
 def test_dcgm_recording_is_valid_exposition_text():
@@ -264,31 +251,42 @@ def test_dcgm_alerts_stay_silent_on_the_recording(tmp_path):
         if e.concerns == {"dcgm"}
     ]
     assert "GpuMemoryTemperatureHigh" in gpu_alerts
+    recorded_temperature = {
+        "expr": "count(DCGM_FI_DEV_MEMORY_TEMP) > bool 0",
+        "eval_time": "9m",
+        "exp_samples": [{"labels": "{}", "value": 1}],
+    }
+    # Without the sentinel guard, the alert's comparison alone would match.
+    bare_comparison = {
+        **recorded_temperature,
+        "expr": "count(DCGM_FI_DEV_MEMORY_TEMP > 95) > bool 0",
+    }
+    _assert_silent(
+        tmp_path,
+        _recorded_series(DCGM_METRICS, DCGM_TARGET),
+        gpu_alerts,
+        (recorded_temperature, bare_comparison),
+    )
+
+
+def _assert_silent(
+    tmp_path: Path, series: list[dict], alerts: list[str], expressions: tuple[dict, ...] = ()
+) -> None:
+    """promtool: none of ``alerts`` fires over ``series`` within 9 minutes (and each of
+    ``expressions`` gives what it expects)."""
+    test: dict = {
+        "interval": "15s",
+        "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": "9m", "alertname": name, "exp_alerts": []} for name in alerts
+        ],
+    }
+    if expressions:
+        test["promql_expr_test"] = list(expressions)
     tests = {
         "rule_files": ["servekit-alerts.yml"],
         "evaluation_interval": "15s",
-        "tests": [
-            {
-                "interval": "15s",
-                "input_series": _recorded_series(DCGM_METRICS, DCGM_TARGET),
-                "alert_rule_test": [
-                    {"eval_time": "9m", "alertname": name, "exp_alerts": []} for name in gpu_alerts
-                ],
-                "promql_expr_test": [
-                    {
-                        "expr": "count(DCGM_FI_DEV_MEMORY_TEMP) > bool 0",
-                        "eval_time": "9m",
-                        "exp_samples": [{"labels": "{}", "value": 1}],
-                    },
-                    {
-                        # Without the sentinel guard, the alert's comparison alone would match.
-                        "expr": "count(DCGM_FI_DEV_MEMORY_TEMP > 95) > bool 0",
-                        "eval_time": "9m",
-                        "exp_samples": [{"labels": "{}", "value": 1}],
-                    },
-                ],
-            }
-        ],
+        "tests": [test],
     }
     _promtool_test(tmp_path, tests)
 
