@@ -79,8 +79,10 @@ test-faults: venv host-tools ## Fault suite on the sandbox: kill, freeze, crash 
 test-fleet: venv host-tools ## Sandbox fleet (3 hosts + gateway): a host killed and rolling updates under load, no failed request
 	pytest tests/e2e/test_fleet_live.py -q $(PYTEST_ARGS)
 
-test: lint venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end and the fault suite
+test: lint venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end, the fault suite, the fleet
 	pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet_live.py $(PYTEST_ARGS)
+	@# The fleet brings up its own sandbox (3 hosts + gateway) once the single host is gone.
+	pytest tests/e2e/test_fleet_live.py -q $(PYTEST_ARGS)
 
 .PHONY: bench bench-model
 

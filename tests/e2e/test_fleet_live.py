@@ -117,8 +117,9 @@ class Load:
     workers: int = 4
     stream_every: int = 0  # every n-th request streams (0: none)
     # A steady load, not a saturating one: on the sandbox's two CPU cores, CPU vLLMs kept busy
-    # without pause starve the host being restarted (a start took over 6 minutes).
-    pause_s: float = 0.25
+    # starve the host being restarted (with 0.25 s pauses a start took 4 to 5 minutes, against
+    # one on a quiet machine); this keeps about one core busy.
+    pause_s: float = 1.0
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     failed_sent_at: list[float] = field(default_factory=list)  # when each failed request left
