@@ -16,7 +16,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from servekit.testmodel import FILES, generate
-from servekit.testmodel.weights import bfloat16_bits_to_float32, to_bfloat16_bits
+from servekit.testmodel.tokenizer import textless_token_ids
+from servekit.testmodel.weights import STEADY_DIM, bfloat16_bits_to_float32, to_bfloat16_bits
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -133,14 +134,120 @@ def test_safetensors_names_shapes_dtype(model_dir: Path, config: dict) -> None:
     assert dtypes == {"BF16"}
 
 
-def test_weight_values(model_dir: Path) -> None:
-    tensors = _read_bf16(model_dir / "model.safetensors")
+@pytest.fixture(scope="module")
+def tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    return _read_bf16(model_dir / "model.safetensors")
+
+
+def _without_steady_dim(name: str, value: np.ndarray) -> np.ndarray:
+    """The random part of a tensor: the steady dimension's row or column left out."""
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return np.delete(value, STEADY_DIM, axis=1)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return np.delete(value, STEADY_DIM, axis=0)
+    return value
+
+
+def test_weight_values(tensors: dict[str, np.ndarray]) -> None:
     for name, value in tensors.items():
         if name.endswith("norm.weight"):
             assert np.all(value == 1.0), name
         else:
-            assert abs(float(value.std()) - 0.02) < 0.002, name
-            assert abs(float(value.mean())) < 0.002, name
+            rand = _without_steady_dim(name, value)
+            assert abs(float(rand.std()) - 0.02) < 0.002, name
+            assert abs(float(rand.mean())) < 0.002, name
+
+
+@pytest.fixture(scope="module")
+def textless(tokenizer: Tokenizer, config: dict) -> set[int]:
+    stops = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    return textless_token_ids(tokenizer, config["vocab_size"], stops)
+
+
+def test_textless_tokens(tokenizer: Tokenizer, config: dict, textless: set[int]) -> None:
+    known = tokenizer.get_vocab_size(with_added_tokens=True)
+    assert set(range(known, config["vocab_size"])) <= textless
+    assert tokenizer.token_to_id("<|im_start|>") in textless
+    # "Ã" is how byte-level BPE spells the lone byte 0xC3, the first half of "ä".
+    lone_byte = tokenizer.token_to_id("Ã")
+    assert tokenizer.decode([lone_byte]) == "\ufffd"
+    assert lone_byte in textless
+    for token in ("<|im_end|>", "<|endoftext|>", "<think>", "</think>", "ĠParis", "a"):
+        assert tokenizer.token_to_id(token) not in textless, token
+
+
+def test_steady_dimension_is_never_written(tensors: dict[str, np.ndarray], config: dict) -> None:
+    assert np.all(tensors["model.embed_tokens.weight"][:, STEADY_DIM] > 0)
+    assert len(set(tensors["model.embed_tokens.weight"][:, STEADY_DIM].tolist())) == 1
+    for i in range(config["num_hidden_layers"]):
+        assert np.all(tensors[f"model.layers.{i}.self_attn.o_proj.weight"][STEADY_DIM] == 0)
+        assert np.all(tensors[f"model.layers.{i}.mlp.down_proj.weight"][STEADY_DIM] == 0)
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def _rope(x: np.ndarray, theta: float) -> np.ndarray:
+    """Rotary embedding, rotate-half layout, for x of shape [tokens, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-np.arange(half) / half)
+    angles = np.arange(x.shape[0])[:, None] * freqs[None, :]
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _logits(tensors: dict[str, np.ndarray], c: dict, ids: list[int]) -> np.ndarray:
+    """A plain numpy forward pass of Qwen3ForCausalLM: logits at every position."""
+    eps, hd = c["rms_norm_eps"], c["head_dim"]
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    x = tensors["model.embed_tokens.weight"][ids]
+    n = len(ids)
+    causal = np.triu(np.full((n, n), -np.inf), k=1)
+    for i in range(c["num_hidden_layers"]):
+        w = {k.split(f"layers.{i}.", 1)[1]: v for k, v in tensors.items() if f"layers.{i}." in k}
+        h = _rms_norm(x, w["input_layernorm.weight"], eps)
+        q = (h @ w["self_attn.q_proj.weight"].T).reshape(n, heads, hd)
+        k = (h @ w["self_attn.k_proj.weight"].T).reshape(n, kv_heads, hd)
+        v = (h @ w["self_attn.v_proj.weight"].T).reshape(n, kv_heads, hd)
+        q = _rope(_rms_norm(q, w["self_attn.q_norm.weight"], eps), c["rope_theta"])
+        k = _rope(_rms_norm(k, w["self_attn.k_norm.weight"], eps), c["rope_theta"])
+        k, v = (np.repeat(t, heads // kv_heads, axis=1) for t in (k, v))
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + causal
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n, heads * hd)
+        x = x + attn @ w["self_attn.o_proj.weight"].T
+        h = _rms_norm(x, w["post_attention_layernorm.weight"], eps)
+        gate = h @ w["mlp.gate_proj.weight"].T
+        up = h @ w["mlp.up_proj.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ w["mlp.down_proj.weight"].T
+    return _rms_norm(x, tensors["model.norm.weight"], eps) @ tensors["lm_head.weight"].T
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "The capital of France is",
+        "<|im_start|>user\n你好，介绍一下你自己<|im_end|>\n<|im_start|>assistant\n",
+    ],
+)
+def test_textless_tokens_are_never_sampled(
+    tensors: dict[str, np.ndarray],
+    config: dict,
+    tokenizer: Tokenizer,
+    textless: set[int],
+    prompt: str,
+) -> None:
+    logits = _logits(tensors, config, tokenizer.encode(prompt).ids)
+    others = sorted(set(range(config["vocab_size"])) - textless)
+    textless_ids = sorted(textless)
+    # Ordinary logits of a random model are small; a silenced token trails every one of them by
+    # so much that even at temperature 2 its odds are below e^-25.
+    assert np.abs(logits[:, others]).max() < 5
+    gap = logits[:, others].min(axis=1) - logits[:, textless_ids].max(axis=1)
+    assert gap.min() > 50, gap.min()
 
 
 def test_bfloat16_rounding() -> None:

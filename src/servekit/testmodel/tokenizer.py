@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tokenizers import (
     AddedToken,
     Regex,
@@ -140,3 +142,19 @@ def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "unk_token": None,
     }
+
+
+def textless_token_ids(tok: Tokenizer, vocab_size: int, stop_ids: Iterable[int]) -> set[int]:
+    """Ids below ``vocab_size`` that, sampled alone, add no text to a reply (stop ids aside).
+
+    Those are the embedding rows past the tokenizer, special tokens, and byte tokens that are
+    only part of a UTF-8 character (they decode to U+FFFD on their own).
+    """
+    stops = set(stop_ids)
+    known = tok.get_vocab_size(with_added_tokens=True)
+    textless = set(range(known, vocab_size))
+    for token_id in range(known):
+        text = tok.decode([token_id], skip_special_tokens=True)
+        if token_id not in stops and (not text or "\ufffd" in text):
+            textless.add(token_id)
+    return textless

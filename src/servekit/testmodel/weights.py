@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 INIT_STD = 0.02
+
+# Hidden dimension that carries the same value at every position (see ``silence_tokens``).
+STEADY_DIM = 0
+STEADY_VALUE = 0.1
+# lm_head weight on STEADY_DIM for a token that must never be sampled. After the final norm the
+# steady dimension is positive (~0.5 here), so its logit sits hundreds below the others (|l| < 2).
+SILENCED_WEIGHT = -1024.0
 
 
 def tensor_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
@@ -58,6 +65,29 @@ def random_tensors(config: Mapping, seed: int) -> dict[str, np.ndarray]:
         else:
             tensors[name] = rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
     return tensors
+
+
+def silence_tokens(
+    tensors: dict[str, np.ndarray], config: Mapping, token_ids: Iterable[int]
+) -> None:
+    """Make ``token_ids`` unreachable by sampling, in place.
+
+    Random logits are near uniform, so a random model samples every id: spare embedding rows,
+    ``<|im_start|>``, lone bytes of a multi-byte character, all of which decode to no text. A
+    trained model never ends a reply on those; this one must not either, or an empty answer is
+    indistinguishable from a server that lost its text. Qwen3 has no lm_head bias, so one hidden
+    dimension is made a constant: every embedding holds STEADY_VALUE there, and no attention or
+    MLP output writes to it, so the residual stream keeps it at every layer. The final RMSNorm
+    turns it into a positive number, and a large negative lm_head weight on it for the silenced
+    rows (zero for the others) pushes their logits far below every other token's.
+    """
+    tensors["model.embed_tokens.weight"][:, STEADY_DIM] = STEADY_VALUE
+    for i in range(config["num_hidden_layers"]):
+        tensors[f"model.layers.{i}.self_attn.o_proj.weight"][STEADY_DIM, :] = 0.0
+        tensors[f"model.layers.{i}.mlp.down_proj.weight"][STEADY_DIM, :] = 0.0
+    lm_head = tensors["lm_head.weight"]
+    lm_head[:, STEADY_DIM] = 0.0
+    lm_head[sorted(token_ids), STEADY_DIM] = SILENCED_WEIGHT
 
 
 def to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
