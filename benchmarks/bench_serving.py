@@ -21,6 +21,9 @@ from servekit.probe.sse import iter_events, split_lines
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 TEXT_FIELDS = ("content", "reasoning", "reasoning_content")
+# Events parsed from one socket read are stamped microseconds apart; a new read of a stream
+# that arrives token by token comes at least this long after the previous one.
+SAME_READ_S = 0.001
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Stream:
     last: float  # last chunk that carries generated text
     total: float  # end of the response
     tokens: int  # usage.completion_tokens
-    arrivals: int = 0  # distinct arrival times of the chunks that carry text
+    arrivals: int = 0  # reads that brought text: arrivals at least SAME_READ_S apart
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -61,15 +64,16 @@ def measure(events: Iterable[tuple[float, str]], sent_at: float, end_at: float) 
     """A :class:`Stream` from ``(arrival time, data)`` SSE events of one request."""
     first = last = None
     tokens = None
-    arrivals: set[float] = set()
+    arrivals = 0
     for at, data in events:
         if data.strip() == "[DONE]":
             continue
         chunk = json.loads(data)
         if chunk_has_text(chunk):
+            if last is None or at - last >= SAME_READ_S:
+                arrivals += 1
             first = at if first is None else first
             last = at
-            arrivals.add(at)
         usage = chunk.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             tokens = usage["completion_tokens"]
@@ -77,7 +81,7 @@ def measure(events: Iterable[tuple[float, str]], sent_at: float, end_at: float) 
         raise RuntimeError("the stream carried no generated text")
     if tokens is None:
         raise RuntimeError("the stream carried no usage (stream_options.include_usage)")
-    return Stream(first - sent_at, last - sent_at, end_at - sent_at, tokens, len(arrivals))
+    return Stream(first - sent_at, last - sent_at, end_at - sent_at, tokens, arrivals)
 
 
 def request_body(model: str, max_tokens: int) -> dict:

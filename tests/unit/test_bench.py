@@ -743,6 +743,21 @@ def test_stream_metrics_from_events():
     # 64 tokens in two reads: the gap between reads is no decode rate.
     assert bs.Stream(0.1, 0.1001, 0.2, 64, arrivals=2).decode_tokens_per_s is None
     assert bs.Stream(0.1, 0.7, 0.8, 64, arrivals=40).decode_tokens_per_s == pytest.approx(105)
+
+
+def test_chunks_parsed_from_one_read_count_as_one_arrival():
+    text = json.dumps({"choices": [{"index": 0, "delta": {"content": "x"}}]})
+    usage = json.dumps({"choices": [], "usage": {"completion_tokens": 64}})
+    # 64 chunks stamped 3 microseconds apart (one read, as parsed): no decode rate.
+    burst = [(10.1 + i * 3e-6, text) for i in range(64)]
+    stream = bs.measure([*burst, (10.2, usage)], sent_at=10.0, end_at=10.3)
+    assert stream.arrivals == 1
+    assert stream.decode_tokens_per_s is None
+    # The same chunks 10 ms apart arrived token by token.
+    steady = [(10.1 + i * 0.01, text) for i in range(64)]
+    stream = bs.measure([*steady, (10.8, usage)], sent_at=10.0, end_at=10.9)
+    assert stream.arrivals == 64
+    assert stream.decode_tokens_per_s == pytest.approx(63 / 0.63)
     body = bs.request_body("Qwen3-8B", 64)
     assert body["ignore_eos"] and body["stream_options"] == {"include_usage": True}
 
