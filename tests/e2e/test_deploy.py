@@ -106,6 +106,44 @@ def test_second_deploy_changes_nothing_and_keeps_vllm_running(deployment):
     assert vllm_identity() == before, "the second deploy restarted vLLM"
 
 
+def test_a_hand_edited_file_and_package_hold_are_put_back(deployment):
+    # The converge skips files and packages it finds current; anything else must still be fixed.
+    script = "/usr/local/libexec/servekit/vllm-health-check"
+    rules = "/etc/prometheus/servekit-alerts.yml"
+    expected = on_host("sha1sum", script, rules).stdout
+    edits = (
+        f"echo '# edited by hand' >> {script} && chmod 0600 {rules} && apt-mark unhold docker.io"
+    )
+    assert on_host("sh", "-c", edits).returncode == 0
+    before = vllm_identity()
+
+    output = ansible_playbook("deploy-drift")
+
+    assert changed_tasks(output) == [
+        "docker_engine : Docker engine | Hold the packages so unattended upgrades cannot"
+        " restart Docker",
+        "vllm_service : VLLM | Install the readiness and health scripts",
+        "monitoring : Monitoring | Install the alert rules (checked with promtool)",
+        "monitoring : Reload prometheus",
+    ], output
+    assert on_host("sha1sum", script, rules).stdout == expected
+    assert on_host("stat", "-c", "%a", script).stdout.strip() == "755"
+    assert on_host("stat", "-c", "%a", rules).stdout.strip() == "644"
+    assert on_host("apt-mark", "showhold").stdout.split().count("docker.io") == 1
+    assert vllm_identity() == before, "a changed health script must not restart vLLM"
+
+
+def changed_tasks(output: str) -> list[str]:
+    """The names of the tasks (and handlers) that reported a change, in order."""
+    names, current = [], None
+    for line in output.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            current = line.split("[", 1)[1].rsplit("]", 1)[0]
+        elif line.startswith("changed:") and current and current not in names:
+            names.append(current)
+    return names
+
+
 def test_gpu_plan_for_a_recorded_h100_system_changes_nothing(deployment):
     profile = ROOT / "tests" / "fixtures" / "gpu" / "h100_sxm_hgx_nvswitch.lspci"
     output = ansible_playbook(
