@@ -1,4 +1,4 @@
-"""A filter that tells whether a managed file already holds what a task would write.
+"""Filters that tell whether a managed file or directory already is what a task would make.
 
 Each template or copy costs two round trips on a converged host (a checksum, then the file
 module for owner and mode), even with nothing to change. The roles read the state of all
@@ -18,7 +18,7 @@ def file_current(
 ) -> bool:
     """True when ``found`` (a registered `servekit_file_state` result) has ``dest`` as a
     regular file with exactly ``content`` (UTF-8), ``mode``, ``owner`` and ``group``."""
-    entry = next((f for f in (found or {}).get("files", []) if f.get("path") == dest), None)
+    entry = _entry(found, dest)
     if entry is None or not entry.get("isreg", False):
         return False
     want = hashlib.sha1(content.encode("utf-8")).hexdigest()
@@ -30,6 +30,29 @@ def file_current(
     )
 
 
+def dir_current(
+    found: dict, path: str, mode: str, owner: str = "root", group: str = "root"
+) -> bool:
+    """True when ``found`` has ``path`` as a directory with ``mode``, ``owner`` and ``group``."""
+    entry = _entry(found, path)
+    return (
+        entry is not None
+        and entry.get("isdir", False)
+        and _octal(entry.get("mode")) == _octal(mode)
+        and entry.get("pw_name") == owner
+        and entry.get("gr_name") == group
+    )
+
+
+def present(found: dict, path: str) -> bool:
+    """True when ``found`` reports ``path`` (of any type)."""
+    return _entry(found, path) is not None
+
+
+def _entry(found: dict | None, path: str) -> dict | None:
+    return next((f for f in (found or {}).get("files", []) if f.get("path") == path), None)
+
+
 def _octal(mode: object) -> int | None:
     try:
         return int(str(mode), 8)
@@ -39,4 +62,8 @@ def _octal(mode: object) -> int | None:
 
 class FilterModule:
     def filters(self):
-        return {"servekit_file_current": file_current}
+        return {
+            "servekit_file_current": file_current,
+            "servekit_dir_current": dir_current,
+            "servekit_path_present": present,
+        }
