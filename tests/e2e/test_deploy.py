@@ -113,6 +113,7 @@ def test_a_hand_edited_file_and_package_hold_are_put_back(deployment):
     expected = on_host("sha1sum", script, rules).stdout
     edits = (
         f"echo '# edited by hand' >> {script} && chmod 0600 {rules} && apt-mark unhold docker.io"
+        " && chmod 0755 /etc/vllm"  # the API key's directory opened up
     )
     assert on_host("sh", "-c", edits).returncode == 0
     before = vllm_identity()
@@ -122,6 +123,7 @@ def test_a_hand_edited_file_and_package_hold_are_put_back(deployment):
     assert changed_tasks(output) == [
         "docker_engine : Docker engine | Hold the packages so unattended upgrades cannot"
         " restart Docker",
+        "vllm_service : VLLM | Create configuration and helper directories",
         "vllm_service : VLLM | Install the readiness and health scripts",
         "monitoring : Monitoring | Install the alert rules (checked with promtool)",
         "monitoring : Reload prometheus",
@@ -129,6 +131,7 @@ def test_a_hand_edited_file_and_package_hold_are_put_back(deployment):
     assert on_host("sha1sum", script, rules).stdout == expected
     assert on_host("stat", "-c", "%a", script).stdout.strip() == "755"
     assert on_host("stat", "-c", "%a", rules).stdout.strip() == "644"
+    assert on_host("stat", "-c", "%a", "/etc/vllm").stdout.strip() == "700"
     assert on_host("apt-mark", "showhold").stdout.split().count("docker.io") == 1
     assert vllm_identity() == before, "a changed health script must not restart vLLM"
 
