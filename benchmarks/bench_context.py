@@ -39,6 +39,8 @@ class Context:
     hand_starts: list[float] = field(default_factory=list)
     #: ``systemctl start vllm``: (seconds to /health 200, seconds until systemctl returned).
     unit_starts: list[tuple[float, float]] = field(default_factory=list)
+    #: The same, with vLLM's compile cache emptied first (what a first start pays).
+    unit_starts_empty_cache: list[tuple[float, float]] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     #: Errors of the running phase that did not stop it (its figures are kept).
@@ -115,13 +117,31 @@ def start_vllm_if_stopped() -> None:
     wait_healthy("the endpoint after the unit's start")
 
 
-def hand_start(ctx: Context) -> float:
-    """vLLM started by hand on host 1: the unit's own ``docker run`` (same image, flags, model,
-    port), detached, under another name, with the unit stopped. Seconds from ``docker run`` to the
-    first /health 200 seen from this machine; the unit is left stopped."""
+def unit_argv() -> list[str]:
+    """The ``docker run`` of vllm.service on host 1."""
     unit = host_cmd("systemctl", "cat", "vllm.service", what="systemctl cat vllm")
-    argv = bench_host.hand_start_argv(bench_host.exec_start_argv(unit))
+    return bench_host.exec_start_argv(unit)
+
+
+def empty_compile_cache(argv: list[str]) -> None:
+    """Empty the host directory the unit keeps vLLM's compile cache in (the server stopped)."""
+    cache = bench_host.compile_cache_dir(argv)
+    if not cache:
+        raise RuntimeError("vllm.service keeps no compile cache (vllm_service_compile_cache_dir)")
+    host_cmd("find", cache, "-mindepth", "1", "-delete", what=f"empty the compile cache {cache}")
+
+
+def hand_start(ctx: Context, empty_cache: bool = False) -> float:
+    """vLLM started by hand on host 1: the unit's own ``docker run`` (same image, flags, model,
+    port, compile cache), detached, under another name, with the unit stopped. Seconds from
+    ``docker run`` to the first /health 200 seen from this machine; the unit is left stopped.
+    ``empty_cache``: empty the compile cache first (a first start) and keep the figure out of
+    ``ctx.hand_starts``."""
+    unit = unit_argv()
+    argv = bench_host.hand_start_argv(unit)
     stop_vllm()
+    if empty_cache:
+        empty_compile_cache(unit)
     bench_host.docker_exec(sandbox.HOST_CONTAINER, "docker", "rm", "-f", bench_host.HAND_CONTAINER)
     try:
         start = time.monotonic()
@@ -133,15 +153,20 @@ def hand_start(ctx: Context) -> float:
             sandbox.HOST_CONTAINER, "docker", "rm", "-f", bench_host.HAND_CONTAINER, timeout=120
         )
     bench_host.poll(lambda: not sandbox.healthy(), "/health down after removing it", 60, 0.2)
-    ctx.hand_starts.append(round(seconds, 3))
+    if not empty_cache:
+        ctx.hand_starts.append(round(seconds, 3))
     return seconds
 
 
-def unit_start(ctx: Context) -> tuple[float, float]:
+def unit_start(ctx: Context, empty_cache: bool = False) -> tuple[float, float]:
     """``systemctl start vllm`` on host 1 with the unit stopped: seconds to the first /health 200
     seen from this machine, and seconds until systemctl returned (it waits for the unit's
-    readiness check)."""
+    readiness check). ``empty_cache``: empty the compile cache first (a first start); the
+    figures go to ``ctx.unit_starts_empty_cache``."""
+    argv = unit_argv() if empty_cache else []
     stop_vllm()
+    if empty_cache:
+        empty_compile_cache(argv)
     start = time.monotonic()
     proc = subprocess.Popen(
         ["docker", "exec", sandbox.HOST_CONTAINER, "systemctl", "start", "vllm.service"],
@@ -159,5 +184,6 @@ def unit_start(ctx: Context) -> tuple[float, float]:
             proc.kill()
     if proc.returncode != 0:
         raise RuntimeError(f"systemctl start vllm failed ({proc.returncode}): {err.strip()}")
-    ctx.unit_starts.append((round(health, 3), round(returned, 3)))
+    starts = ctx.unit_starts_empty_cache if empty_cache else ctx.unit_starts
+    starts.append((round(health, 3), round(returned, 3)))
     return health, returned

@@ -98,6 +98,25 @@ def exec_start_argv(unit_text: str) -> list[str]:
     return shlex.split(command)
 
 
+def compile_cache_dir(unit_argv: Sequence[str]) -> str | None:
+    """The host directory the unit's ``docker run`` gives vLLM as its cache root (``--env
+    VLLM_CACHE_ROOT=R`` and ``--volume DIR:R``), or None when the cache is not kept."""
+    envs, volumes = [], []
+    for flag, value in zip(unit_argv, [*unit_argv[1:], ""], strict=True):
+        if flag in ("-e", "--env"):
+            envs.append(value)
+        elif flag in ("-v", "--volume"):
+            volumes.append(value)
+    roots = [e.split("=", 1)[1] for e in envs if e.startswith("VLLM_CACHE_ROOT=")]
+    if not roots:
+        return None
+    for volume in volumes:
+        source, _, rest = volume.partition(":")
+        if rest.split(":", 1)[0] == roots[-1]:
+            return source
+    return None
+
+
 def hand_start_argv(unit_argv: Sequence[str], name: str = HAND_CONTAINER) -> list[str]:
     """The unit's ``docker run`` with the same image, flags and model, detached, under ``name``."""
     argv = list(unit_argv)

@@ -34,10 +34,12 @@ MODEL_SUPPLY = Path(__file__).resolve().parent / "model_supply.py"
 
 
 def cold_start(ctx: Context) -> dict[str, Any]:
-    """The unit's start against vLLM started by hand, alternating (the health timer is paused).
+    """The unit's start against vLLM started by hand, alternating (the health timer is paused),
+    both with the compile cache an earlier start left; then the unit's start with that cache
+    emptied (a first start), for the share of a start the kept cache saves.
 
-    Starts measured earlier in the same run (the fresh converge's floor and the unit's start
-    after it) count as runs here."""
+    Starts measured earlier in the same run (the unit's start after the fresh converge's floor)
+    count as runs here."""
     ensure_deployed(ctx)
     runs = ctx.runs_for(3)
     host_cmd("systemctl", "stop", "vllm-health.timer", what="pause the health timer")
@@ -52,6 +54,10 @@ def cold_start(ctx: Context) -> dict[str, Any]:
                     f"systemctl start vllm (run {len(ctx.unit_starts)}): healthy after {h:.1f} s, "
                     f"returned {r:.1f} s"
                 )
+        while len(ctx.unit_starts_empty_cache) < runs:
+            h, _ = unit_start(ctx, empty_cache=True)
+            n = len(ctx.unit_starts_empty_cache)
+            ctx.say(f"systemctl start vllm, compile cache emptied (run {n}): healthy in {h:.1f} s")
     finally:
         bh.docker_exec(sandbox.HOST_CONTAINER, "docker", "rm", "-f", bh.HAND_CONTAINER)
         start_vllm_if_stopped()
@@ -60,11 +66,19 @@ def cold_start(ctx: Context) -> dict[str, Any]:
         "unit_start_to_health_s": figure([h for h, _ in ctx.unit_starts], "s"),
         "unit_start_returns_s": figure([r for _, r in ctx.unit_starts], "s"),
         "hand_start_to_health_s": figure(ctx.hand_starts, "s"),
+        "unit_start_empty_cache_to_health_s": figure(
+            [h for h, _ in ctx.unit_starts_empty_cache], "s"
+        ),
     }
     figures["server_share"] = ratio(
         figures["hand_start_to_health_s"],
         figures["unit_start_to_health_s"],
         "hand_start_to_health_s / unit_start_to_health_s",
+    )
+    figures["kept_cache_share"] = ratio(
+        figures["unit_start_to_health_s"],
+        figures["unit_start_empty_cache_to_health_s"],
+        "unit_start_to_health_s / unit_start_empty_cache_to_health_s",
     )
     return figures
 

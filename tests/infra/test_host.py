@@ -163,6 +163,34 @@ def test_container_runs_with_the_documented_flags(host, vllm_container):
     assert not writable, f"expected the model mounted read-only, got writable {writable}"
 
 
+def test_compile_cache_lies_on_the_host(host, hostvars, vllm_container):
+    """vLLM's cache root is vllm_service_compile_cache_dir on the host, so a restart loads what
+    an earlier start compiled; root-only, as vLLM loads code from it; written by the server."""
+    assert vllm_container is not None, f"no container named {CONTAINER} is running"
+    cache = hostvars["vllm_service_compile_cache_dir"]
+    env = dict(e.split("=", 1) for e in vllm_container["Config"].get("Env") or [])
+    root = env.get("VLLM_CACHE_ROOT")
+    mounted = {m["Destination"]: m for m in vllm_container["Mounts"]}
+    if not cache:
+        assert root is None or root not in mounted, (
+            f"vllm_service_compile_cache_dir is empty, yet the cache root {root} is mounted"
+        )
+        return
+    assert root and root in mounted, (
+        f"expected VLLM_CACHE_ROOT set and mounted from {cache}, got VLLM_CACHE_ROOT={root}, "
+        f"mounts {sorted(mounted)}: re-deploy"
+    )
+    mount = mounted[root]
+    assert mount["Source"] == cache and mount["RW"], f"expected {cache} mounted read-write: {mount}"
+    directory = host.file(cache)
+    assert directory.is_directory and directory.user == "root" and directory.mode == 0o700, (
+        f"expected {cache} a directory owned by root, mode 0o700 (vLLM loads code from it), "
+        f"got user {directory.user}, mode {oct(directory.mode) if directory.exists else 'missing'}"
+    )
+    entries = host.run("ls -A %s", cache).stdout.split()
+    assert entries, f"expected the server to have written its cache under {cache}, it is empty"
+
+
 def test_container_runs_the_pinned_image(
     host, vllm_container, inventory_vars, hostvars, unit_image
 ):

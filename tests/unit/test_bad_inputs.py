@@ -128,6 +128,13 @@ CASES = [
     Case("served-name-with-space", {VLLM + "served_model_name": "Qwen3 8B"}, "without spaces"),
     Case("shm-size-garbage", {VLLM + "shm_size": "lots"}, 'write e.g. "16g"', '"lots"'),
     Case(
+        "compile-cache-relative",
+        {VLLM + "compile_cache_dir": "cache/vllm"},
+        "such as /var/cache/vllm",
+        '"cache/vllm"',
+    ),
+    Case("compile-cache-root", {VLLM + "compile_cache_dir": "/"}, "absolute path below /", '"/"'),
+    Case(
         "insecure-registry-with-scheme",
         {"docker_engine_insecure_registries": ["http://reg:5000"]},
         "without a scheme",

@@ -138,6 +138,8 @@ ExecStart=/usr/bin/docker run --rm --name vllm \\
   --ipc=host \\
   --publish 0.0.0.0:8000:8000 \\
   --volume /opt/models/Qwen/Qwen3-8B/master:/models/Qwen3-8B:ro \\
+  --env VLLM_CACHE_ROOT=/var/cache/vllm \\
+  --volume /var/cache/vllm-host:/var/cache/vllm \\
   servekit-control:5000/servekit/vllm-cpu@sha256:0123abcd \\
   --model /models/Qwen3-8B \\
   --served-model-name Qwen3-8B \\
@@ -897,8 +899,8 @@ def test_fresh_converge_figures(fake_sandbox, monkeypatch):
     }
     monkeypatch.setattr(bh, "run_floor_container", lambda *a, **k: (steps, None))
 
-    def hand(c):
-        c.hand_starts.append(40.0)
+    def hand(c, empty_cache=False):
+        assert empty_cache, "the floor of a first start compiles, as the converge's start did"
         return 40.0
 
     def unit(c):
@@ -922,7 +924,9 @@ def test_fresh_converge_figures(fake_sandbox, monkeypatch):
     assert figures["image_vs_floor"]["median"] == pytest.approx((64.374 - 29.5) / 20.0, abs=1e-3)
     assert figures["floors_sum_s"]["median"] == pytest.approx(0.25 + 9 + 20 + 7.5 + 40)
     assert figures["converge_vs_floors"]["median"] == pytest.approx(115 / 76.75, abs=1e-3)
-    assert ctx.hand_starts == [40.0] and ctx.unit_starts == [(50.0, 51.0)] and not ctx.errors
+    assert figures["service_start_floor_s"]["median"] == 40.0
+    assert not ctx.hand_starts, "a start with the cache emptied is no sample of cold_start's"
+    assert ctx.unit_starts == [(50.0, 51.0)] and not ctx.errors
     assert [r["phase"] for r in ctx.details["fresh_converge"]["breakdown"]][-1] == "total"
 
 
@@ -948,7 +952,7 @@ def test_fresh_converge_keeps_its_figures_when_a_floor_fails(fake_sandbox, monke
     monkeypatch.setattr(
         bh, "run_floor_container", lambda *a, **k: ({"docker_engine": 9.0}, "tar: oops")
     )
-    monkeypatch.setattr(bench_converge, "hand_start", lambda c: 1 / 0)
+    monkeypatch.setattr(bench_converge, "hand_start", lambda c, empty_cache: 1 / 0)
     monkeypatch.setattr(bench_converge, "unit_start", lambda c: (50.0, 51.0))
     monkeypatch.setattr(bench_converge, "start_vllm_if_stopped", lambda: None)
     figures = bench_converge.fresh_converge(ctx)
@@ -1013,39 +1017,53 @@ def test_verify_failure_still_removes_the_extra_hosts(fake_sandbox, monkeypatch)
 
 def test_cold_start_alternates_and_counts_the_starts_of_the_converge(fake_sandbox, monkeypatch):
     ctx, _ = fake_sandbox
-    ctx.hand_starts.append(40.0)  # measured by fresh_converge
-    ctx.unit_starts.append((48.0, 49.0))
+    ctx.unit_starts.append((48.0, 49.0))  # the unit's start after fresh_converge's floor
     log = []
     monkeypatch.setattr(bench_runtime, "ensure_deployed", lambda c: None)
     monkeypatch.setattr(bench_runtime, "host_cmd", lambda *a, **k: log.append(a[:3]) or "")
     monkeypatch.setattr(bh, "docker_exec", lambda *a, **k: None)
     monkeypatch.setattr(bench_runtime, "start_vllm_if_stopped", lambda: log.append("ensure"))
 
-    def hand(c):
+    def hand(c, empty_cache=False):
+        assert not empty_cache, "the phase's hand starts keep the cache"
         log.append("hand")
         c.hand_starts.append(42.0)
         return 42.0
 
-    def unit(c):
-        log.append("unit")
-        c.unit_starts.append((50.0, 51.0))
-        return 50.0, 51.0
+    def unit(c, empty_cache=False):
+        log.append("unit, cache emptied" if empty_cache else "unit")
+        starts = c.unit_starts_empty_cache if empty_cache else c.unit_starts
+        starts.append((80.0, 81.0) if empty_cache else (50.0, 51.0))
+        return starts[-1]
 
     monkeypatch.setattr(bench_runtime, "hand_start", hand)
     monkeypatch.setattr(bench_runtime, "unit_start", unit)
     figures = bench_runtime.cold_start(ctx)
     assert log[0] == ("systemctl", "stop", "vllm-health.timer")
-    assert log[1:-2] == ["hand", "unit", "hand", "unit"]
+    assert log[1:-2] == ["hand", "unit", "hand", "unit", "hand"] + ["unit, cache emptied"] * 3
     assert log[-1] == ("systemctl", "start", "vllm-health.timer")
-    assert figures["hand_start_to_health_s"]["runs"] == [40.0, 42.0, 42.0]
+    assert figures["hand_start_to_health_s"]["runs"] == [42.0, 42.0, 42.0]
     assert figures["unit_start_to_health_s"]["runs"] == [48.0, 50.0, 50.0]
     assert figures["unit_start_returns_s"]["median"] == 51.0
     assert figures["server_share"]["median"] == pytest.approx(42.0 / 50.0, abs=1e-3)
+    assert figures["unit_start_empty_cache_to_health_s"]["runs"] == [80.0] * 3
+    assert figures["kept_cache_share"]["median"] == pytest.approx(50.0 / 80.0, abs=1e-3)
 
-    ctx.hand_starts[:], ctx.unit_starts[:] = [], []  # without a converge: three of each
-    log.clear()
+    ctx.hand_starts[:], ctx.unit_starts[:], ctx.unit_starts_empty_cache[:] = [], [], []
+    log.clear()  # without a converge: three of each
     bench_runtime.cold_start(ctx)
-    assert log[1:-2] == ["hand", "unit"] * 3
+    assert log[1:-2] == ["hand", "unit"] * 3 + ["unit, cache emptied"] * 3
+
+
+def test_compile_cache_dir_is_read_from_the_units_docker_run():
+    unit = bh.exec_start_argv(UNIT)
+    assert bh.compile_cache_dir(unit) == "/var/cache/vllm-host"
+    no_env = [a for a in unit if not a.startswith("VLLM_CACHE_ROOT=")]
+    assert bh.compile_cache_dir([a for a in no_env if a != "--env"]) is None
+    other_mount = ["docker", "run", "--env", "VLLM_CACHE_ROOT=/c", "-v", "/x:/elsewhere", "img"]
+    assert bh.compile_cache_dir(other_mount) is None
+    short_flags = ["docker", "run", "-e", "VLLM_CACHE_ROOT=/c", "-v", "/srv/c:/c:rw", "img"]
+    assert bh.compile_cache_dir(short_flags) == "/srv/c"
 
 
 def test_recovery_figures(fake_sandbox, monkeypatch):
