@@ -106,13 +106,18 @@ def host_cmd(*args: str, what: str, timeout: float | None = 120) -> str:
 
 
 def stop_vllm() -> None:
+    """Stop the unit and clear its start count: the benchmark starts it more often than the
+    crash-loop brake (StartLimitBurst in StartLimitIntervalSec) allows, as the role's restart
+    handler does before a restart."""
     host_cmd("systemctl", "stop", "vllm.service", what="systemctl stop vllm", timeout=120)
+    host_cmd("systemctl", "reset-failed", "vllm.service", what="systemctl reset-failed vllm")
     bench_host.poll(lambda: not sandbox.healthy(), "/health down after the stop", 60, 0.2)
 
 
 def start_vllm_if_stopped() -> None:
     state = bench_host.docker_exec(sandbox.HOST_CONTAINER, "systemctl", "is-active", "vllm")
     if state.stdout.strip() != "active":
+        host_cmd("systemctl", "reset-failed", "vllm.service", what="systemctl reset-failed vllm")
         host_cmd("systemctl", "start", "vllm", what="systemctl start vllm", timeout=START_BUDGET_S)
     wait_healthy("the endpoint after the unit's start")
 
