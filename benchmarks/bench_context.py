@@ -168,10 +168,9 @@ def unit_start(ctx: Context, empty_cache: bool = False) -> tuple[float, float]:
     seen from this machine, and seconds until systemctl returned (it waits for the unit's
     readiness check). ``empty_cache``: empty the compile cache first (a first start); the
     figures go to ``ctx.unit_starts_empty_cache``."""
-    argv = unit_argv() if empty_cache else []
     stop_vllm()
     if empty_cache:
-        empty_compile_cache(argv)
+        empty_compile_cache(unit_argv())
     start = time.monotonic()
     proc = subprocess.Popen(
         ["docker", "exec", sandbox.HOST_CONTAINER, "systemctl", "start", "vllm.service"],
