@@ -20,16 +20,18 @@ ROLL_BATCH ?= 1
 VENV := .venv
 PY := $(VENV)/bin/python
 IS_SANDBOX := $(filter inventory/sandbox/% .sandbox/inventory/%,$(INVENTORY))
+# The sandbox hosts reach the sandbox registry as servekit-control:5000; this machine at 127.0.0.1.
+IMAGES_ARGS := --inventory $(INVENTORY) $(if $(IS_SANDBOX),--registry-alias servekit-control:5000=127.0.0.1:5000)
 
 export ANSIBLE_CONFIG := $(CURDIR)/ansible/ansible.cfg
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv host-tools sandbox deploy roll verify probe test test-unit test-e2e test-faults test-fleet lint destroy clean
+.PHONY: help venv host-tools sandbox deploy lock-images engine-facts record-fixtures roll verify probe test test-unit test-e2e test-faults test-fleet lint destroy clean
 
 help: ## Show this list
 	@echo "servekit: make TARGET [INVENTORY=inventory/<site>/hosts.yml]"
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@echo "==> creating the pinned Python environment in $(VENV)"
@@ -50,9 +52,20 @@ deploy: venv ## Converge INVENTORY (default: the local sandbox, brought up first
 ifneq ($(IS_SANDBOX),)
 	@$(MAKE) --no-print-directory sandbox
 endif
+	@$(PY) -m servekit images check $(IMAGES_ARGS)
 	ansible-playbook -i $(INVENTORY) ansible/playbooks/site.yml $(ANSIBLE_ARGS)
 
+lock-images: venv ## Resolve the image tags INVENTORY deploys to digests: images.lock.yml beside it (commit it)
+	$(PY) -m servekit images lock $(IMAGES_ARGS)
+
+engine-facts: venv host-tools ## Record what the pinned vLLM release accepts (reasoning parsers), read from its CPU image
+	$(PY) -m servekit sandbox engine-facts
+
+record-fixtures: venv host-tools ## Re-record the vLLM fixtures (tests/unit/fixtures/vllm) from the sandbox's image of servekit_vllm_version
+	$(PY) tests/unit/fixtures/vllm/record_all.py
+
 roll: venv ## Roll a change through INVENTORY a batch at a time: drain, update, verify, put back [ROLL_BATCH=1]
+	@$(PY) -m servekit images check $(IMAGES_ARGS)
 	ansible-playbook -i $(INVENTORY) ansible/playbooks/rolling.yml -e servekit_rolling_batch=$(ROLL_BATCH) $(ANSIBLE_ARGS)
 
 verify: venv ## Prove every host of INVENTORY works: host checks, then request probes

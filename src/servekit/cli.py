@@ -115,12 +115,47 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
     if args.action == "up":
         manager.up(hosts=args.hosts, gateway=args.gateway)
+    elif args.action == "engine-facts":
+        from servekit.sandbox.vllm_facts import record
+
+        record()
     elif args.action == "down":
         manager.down(purge=args.purge)
     else:
         import json
 
         print(json.dumps(manager.status(), indent=2))
+    return 0
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    from servekit.images import lock
+    from servekit.images.registry import resolve_digest
+    from servekit.images.tags import TagError, aliased, inventory_image_tags
+    from servekit.inventory import InventoryError
+    from servekit.sandbox.common import repo_root
+
+    aliases = dict(a.split("=", 1) for a in args.registry_alias)
+    resolve = aliased(resolve_digest, aliases)
+    inventory = Path(args.inventory)
+    path = lock.lock_path(inventory)
+    try:
+        tags = inventory_image_tags(inventory, repo_root(), args.group)
+        if args.action == "lock":
+            statuses = lock.lock(tags, path, resolve=resolve)
+        else:
+            statuses = lock.check(tags, lock.read_lock(path), resolve=resolve)
+    except (InventoryError, TagError, lock.LockError) as exc:
+        print(f"servekit images {args.action}: {exc}", file=sys.stderr)
+        # Before a deploy the check only informs: preflight decides, and names the fix.
+        return 2 if args.action == "lock" else 0
+    print(f"{path} ({'written' if args.action == 'lock' else 'read'}):")
+    print(lock.render_status_table(statuses, str(inventory)))
+    if args.action == "lock":
+        failed = [s for s in statuses if s.error]
+        return 1 if failed else 0
+    # A moved tag or an unreachable registry is said, not fatal: deploys take the locked
+    # digest. A tag without an entry stops in preflight, which names the fix.
     return 0
 
 
@@ -206,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_testmodel)
 
     s = sub.add_parser("sandbox", help="local sandbox GPU hosts (containers with systemd)")
-    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("action", choices=["up", "down", "status", "engine-facts"])
     s.add_argument("--hosts", type=int, default=1)
     s.add_argument(
         "--gateway",
@@ -215,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--purge", action="store_true", help="down: also drop the registry cache")
     s.set_defaults(func=_cmd_sandbox)
+
+    i = sub.add_parser(
+        "images",
+        help="lock image tags to digests, or check the lock against the registries",
+        description="lock: resolve every image tag the inventory's hosts run (vllm_service) "
+        "at its registry (Registry HTTP API v2) and write images.lock.yml beside the "
+        "inventory, for the site to commit. check: compare the lock with what the tags "
+        "point to now; deploys always take the locked digest.",
+    )
+    i.add_argument("action", choices=["lock", "check"])
+    i.add_argument("--inventory", required=True)
+    i.add_argument("--group", default="gpu_hosts")
+    i.add_argument(
+        "--registry-alias",
+        action="append",
+        default=[],
+        metavar="NAME=ADDRESS",
+        help="reach registry NAME (as the hosts call it) at ADDRESS from here",
+    )
+    i.set_defaults(func=_cmd_images)
 
     d = sub.add_parser("docker-engine", help="make sure a Docker engine runs on this machine")
     d.set_defaults(func=_cmd_docker)

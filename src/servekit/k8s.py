@@ -35,9 +35,12 @@ from typing import Any
 
 import yaml
 
+from servekit.images import lock as image_lock
+from servekit.images.tags import TagError, host_image_tag
 from servekit.inventory import _plain, is_unresolved, load_hostvars
 
-ROLES = Path(__file__).resolve().parents[2] / "ansible" / "roles"
+ROOT = Path(__file__).resolve().parents[2]
+ROLES = ROOT / "ansible" / "roles"
 DEFAULT_MODELSCOPE = "https://modelscope.cn"
 SECRET_NAME = "servekit-vllm-api-key"
 SECRET_KEY = "api-key"
@@ -227,5 +230,26 @@ def values_from_inventory(
     group: str = "gpu_hosts",
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """`values` for the hosts of ``group`` in an Ansible inventory (any format)."""
-    return values(load_hostvars(inventory, group), **kwargs)
+    """`values` for the hosts of ``group`` in an Ansible inventory (any format); each host's
+    image is the one it deploys: its tag at the digest of the lock beside the inventory."""
+    hosts = load_hostvars(inventory, group)
+    if not kwargs.get("image"):
+        hosts = {h: _with_locked_image(h, hv, inventory) for h, hv in hosts.items()}
+    return values(hosts, **kwargs)
+
+
+def _with_locked_image(host: str, hv: dict[str, Any], inventory: Path) -> dict[str, Any]:
+    try:
+        tag = host_image_tag(host, hv, ROOT)
+    except TagError as exc:
+        raise K8sValuesError(str(exc)) from exc
+    if tag is None:  # pinned by hand in the inventory
+        return hv
+    path = image_lock.lock_path(inventory)
+    digest = image_lock.read_lock(path).get(tag)
+    if not digest:
+        raise K8sValuesError(
+            f"{tag} ({host}) has no digest in {path}: run `make lock-images INVENTORY="
+            f"{inventory}`, or give --image name:tag@sha256:..."
+        )
+    return {**hv, "vllm_service_image": f"{tag}@{digest}"}

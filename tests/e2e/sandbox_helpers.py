@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -98,3 +99,25 @@ def wait_for(predicate, what: str, deadline_s: float, interval: float = 0.5) -> 
         assert elapsed < deadline_s, f"{what}: not within {deadline_s:.0f} s"
         time.sleep(interval)
     return time.monotonic() - start
+
+
+def push_relabelled(state, tag: str, label: str) -> str:
+    """The sandbox's vLLM image with one more label (a new digest over the same layers: a new
+    release, quick to push and to pull), pushed to the sandbox registry as ``tag``; its digest."""
+    from servekit.sandbox import manager
+    from servekit.sandbox.common import docker_client
+
+    client = docker_client()
+    local = state.registry["local"]
+    repo = manager.vllm_registry_repo(local)
+    dockerfile = f"FROM {state.images['vllm-cpu']}\nLABEL {label}\n"
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{repo}:{tag}", rm=True)
+    push_tag(client, repo, tag)
+    digest = manager.registry_digest(local, "servekit/vllm-cpu", tag)
+    assert digest, f"the registry does not list the pushed {repo}:{tag}"
+    return digest
+
+
+def push_tag(client, repo: str, tag: str) -> None:
+    for chunk in client.api.push(repo, tag=tag, stream=True, decode=True):
+        assert "error" not in chunk, chunk["error"]

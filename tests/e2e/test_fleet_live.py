@@ -22,7 +22,6 @@ own, not with the single-host modules (the gateway takes 127.0.0.1:8000 from san
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import threading
@@ -33,11 +32,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from sandbox_helpers import ansible_playbook, recap, wait_for
+from sandbox_helpers import ansible_playbook, push_relabelled, recap, wait_for
 
 from servekit.sandbox import fleet as sandbox_fleet
 from servekit.sandbox import manager
-from servekit.sandbox.common import docker_client
 from servekit.verify import run_verify
 
 pytestmark = pytest.mark.e2e
@@ -188,17 +186,8 @@ class Load:
 
 
 def second_image(state: manager.SandboxState) -> str:
-    """The sandbox's vLLM image with one more label: a new digest over the same layers (a new
-    release, quick to push and to pull), in the sandbox registry."""
-    client = docker_client()
-    local = state.registry["local"]
-    repo = manager.vllm_registry_repo(local)
-    dockerfile = f"FROM {state.images['vllm-cpu']}\nLABEL servekit.test.rolling=2\n"
-    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{repo}:rolling", rm=True)
-    for chunk in client.api.push(repo, tag="rolling", stream=True, decode=True):
-        assert "error" not in chunk, chunk["error"]
-    digest = manager.registry_digest(local, "servekit/vllm-cpu", "rolling")
-    assert digest, "the registry does not list the pushed image"
+    """The sandbox's vLLM image with one more label, in the sandbox registry."""
+    digest = push_relabelled(state, "rolling", "servekit.test.rolling=2")
     assert digest not in state.vllm_image, "the new image must have another digest"
     return f"{manager.vllm_registry_repo(state.registry['remote'])}@{digest}"
 

@@ -98,7 +98,7 @@ def docker_run_args(unit_text) -> list[str]:
 
 @pytest.fixture(scope="module")
 def unit_image(docker_run_args) -> str:
-    """The image reference the unit runs (the word before the server's --model flag)."""
+    """The image reference the unit runs (the word before the model directory)."""
     image = image_of(docker_run_args)
     assert image, f"{UNIT_FILE}: no image found in ExecStart: {' '.join(docker_run_args)[:400]}"
     return image
@@ -144,13 +144,33 @@ def exec_start_args(unit_text: str) -> list[str]:
     return []
 
 
+#: Where the unit mounts the model in the container: `vllm serve`'s positional argument.
+CONTAINER_MODEL_DIR = "/models/"
+
+
 def image_of(docker_run_args: list[str]) -> str | None:
-    """The image of a `docker run ... IMAGE --model ...` line as the vLLM unit writes it."""
-    if "--model" in docker_run_args:
-        i = docker_run_args.index("--model")
-        if i > 0 and not docker_run_args[i - 1].startswith("-"):
-            return docker_run_args[i - 1]
+    """The image of a `docker run ... IMAGE /models/<name> ...` line as the vLLM unit writes
+    it (`vllm serve MODEL`: the model follows the image)."""
+    for i, word in enumerate(docker_run_args[1:], start=1):
+        before = docker_run_args[i - 1]
+        if word.startswith(CONTAINER_MODEL_DIR) and not before.startswith("-"):
+            return before
     return None
+
+
+@pytest.fixture(scope="module")
+def inventory_path(request) -> Path:
+    """The inventory `make verify` checks (pytest-testinfra's --ansible-inventory)."""
+    return Path(request.config.getoption("ansible_inventory"))
+
+
+@pytest.fixture(scope="module")
+def pinned_vllm_version(inventory_vars) -> str:
+    """servekit_vllm_version: the inventory's, else the playbooks' definition."""
+    from servekit.images import vllm_version
+
+    value = inventory_vars.get("servekit_vllm_version")
+    return str(value) if value and not is_unresolved(value) else vllm_version(ROOT)
 
 
 def gpu_args_of(docker_run_args: list[str]) -> list[str]:

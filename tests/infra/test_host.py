@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from conftest import (
     CONTAINER,
     ENV_FILE,
+    ROOT,
     UNIT_FILE,
     is_unresolved,
     journal,
@@ -191,25 +193,34 @@ def test_compile_cache_lies_on_the_host(host, hostvars, vllm_container):
     assert entries, f"expected the server to have written its cache under {cache}, it is empty"
 
 
-def test_container_runs_the_pinned_image(
-    host, vllm_container, inventory_vars, hostvars, unit_image
-):
-    """The running container's image is the configured digest.
+def _configured_image(host, inventory_vars, inventory_path, unit_image) -> tuple[str, str]:
+    """The image the host must run and where that comes from: the inventory's
+    `vllm_service_image` (pinned by hand), else the role's tag at the digest of the lock
+    beside the inventory; when the inventory value is a template, the unit's image."""
+    from servekit.images import lock
+    from servekit.images.tags import host_image_tag
 
-    The configured value is the inventory's `vllm_service_image`, else the role default; when
-    the inventory value is a template (the sandbox reads it from a file), the image that
-    vllm.service was written with stands for it.
-    """
     raw = inventory_vars.get("vllm_service_image")
     if raw is not None and is_unresolved(raw):
-        expected, source = unit_image, f"{UNIT_FILE} (the inventory value is a template)"
-    else:
-        expected = str(hostvars["vllm_service_image"])
-        source = "the inventory" if raw is not None else "the vllm_service default"
-        assert unit_image == expected, (
-            f"expected {UNIT_FILE} to run {expected} (from {source}), got {unit_image}: "
-            "the unit is stale, re-deploy"
-        )
+        return unit_image, f"{UNIT_FILE} (the inventory value is a template)"
+    if raw is not None:
+        return str(raw), "the inventory's vllm_service_image"
+    tag = host_image_tag(host.backend.host, inventory_vars, ROOT)
+    path = lock.lock_path(inventory_path)
+    digest = lock.read_lock(path).get(tag)
+    assert digest, f"expected {path} to lock {tag}: run `make lock-images INVENTORY=...`"
+    return f"{tag}@{digest}", str(path)
+
+
+def test_container_runs_the_pinned_image(
+    host, vllm_container, inventory_vars, inventory_path, unit_image
+):
+    """The running container's image is the configured digest (images.lock.yml's, by default)."""
+    expected, source = _configured_image(host, inventory_vars, inventory_path, unit_image)
+    assert unit_image == expected, (
+        f"expected {UNIT_FILE} to run {expected} (from {source}), got {unit_image}: "
+        "the unit is stale, re-deploy"
+    )
     repo, _, digest = split_image(expected)
     assert digest and digest.startswith("sha256:"), (
         f"expected an image pinned by digest (...@sha256:...), got {expected} (from {source})"
@@ -228,6 +239,21 @@ def test_container_runs_the_pinned_image(
     assert (repo, digest) in running, (
         f"expected the container's image {image_id} to be {repo}@{digest} (from {source}), "
         f"got RepoDigests {repo_digests}"
+    )
+
+
+def test_server_reports_the_pinned_vllm_version(host, hostvars, pinned_vllm_version):
+    """GET /version answers servekit_vllm_version (a local build suffix such as +cpu aside)."""
+    url = _health_url(hostvars).removesuffix("/health") + "/version"
+    result = host.run("curl --silent --show-error --max-time 10 %s", url)
+    assert result.rc == 0, f"GET {url} failed: {result.stderr.strip()}"
+    try:
+        reported = str(json.loads(result.stdout)["version"])
+    except (ValueError, KeyError, TypeError):
+        pytest.fail(f'expected {{"version": ...}} from {url}, got {result.stdout[:200]!r}')
+    assert reported.split("+", 1)[0] == pinned_vllm_version, (
+        f"expected vLLM {pinned_vllm_version} (servekit_vllm_version) at {url}, got {reported}: "
+        "the host runs another release; re-deploy, or update the lock (make lock-images)"
     )
 
 

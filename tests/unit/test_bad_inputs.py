@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from servekit.images import vllm_version
+
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / "ansible"
 PLAYBOOK = ANSIBLE / "playbooks" / "preflight.yml"
@@ -33,15 +35,24 @@ ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 HOST = "bad-input-host"
 
 # The sandbox's settings (inventory/sandbox/group_vars/gpu_hosts.yml), made valid on any
-# machine: a fixed image digest instead of the sandbox's built image, a CA bundle written by
-# the tests, little disk. Everything not set takes the roles' defaults.
+# machine: an image lock beside the inventory with a fixed digest instead of the sandbox's
+# built image, a CA bundle written by the tests, little disk. Everything not set takes the
+# roles' defaults.
+SANDBOX_REPOSITORY = "servekit-control:5000/servekit/vllm-cpu"
+LOCK = {
+    "images": {
+        f"{SANDBOX_REPOSITORY}:v{vllm_version(ROOT)}": {
+            "digest": "sha256:" + "0123456789abcdef" * 4,
+            "resolved": "2026-12-06T10:00:00Z",
+        }
+    }
+}
 BASELINE: dict = {
     "servekit_accelerator": "cpu",
     "preflight_min_free_gb": 1,
     "servekit_model_endpoint": "http://servekit-control:8090",
     "docker_engine_insecure_registries": ["servekit-control:5000"],
-    "vllm_service_image": "servekit-control:5000/servekit/vllm-cpu@sha256:"
-    + "0123456789abcdef" * 4,
+    "vllm_service_image_repository": SANDBOX_REPOSITORY,
     "vllm_service_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
     "vllm_service_bind_address": "0.0.0.0",
     "vllm_service_allow_unauthenticated": True,
@@ -123,7 +134,30 @@ CASES = [
     ),
     Case("model-root-relative", {"servekit_model_root": "models"}, "absolute path", '"models"'),
     Case("image-unpinned", {VLLM + "image": "vllm/vllm-openai:latest"}, "@sha256:", ":latest"),
+    # A tag the lock beside the inventory does not hold: the command that locks it.
+    Case(
+        "image-tag-not-locked",
+        {VLLM + "image_tag": "v0.31.0"},
+        "make lock-images INVENTORY=",
+        ":v0.31.0",
+        variable=VLLM + "image",
+    ),
+    Case(
+        "image-repository-without-registry",
+        {VLLM + "image_repository": "vllm/vllm-openai"},
+        "docker.io/vllm/vllm-openai",
+        '"vllm/vllm-openai"',
+    ),
+    Case("image-tag-with-slash", {VLLM + "image_tag": "v0.32.0/x"}, "such as v0.32.0", "/x"),
+    Case("vllm-version-latest", {"servekit_vllm_version": "latest"}, '"0.32.0"', '"latest"'),
+    # Below the floor: a known API-key bypass.
+    Case(
+        "vllm-version-vulnerable", {"servekit_vllm_version": "0.13.0"}, "CVE-2026-48746", "0.13.0"
+    ),
+    Case("shutdown-timeout-negative", {VLLM + "shutdown_timeout": -1}, "e.g. 30", "=-1 "),
     Case("reasoning-parser-qwen4", {VLLM + "reasoning_parser": "qwen4"}, "use one of", '"qwen4"'),
+    # The name older releases used; 0.32.0 registers openai_gptoss (read from the release).
+    Case("reasoning-parser-gpt-oss", {VLLM + "reasoning_parser": "gpt_oss"}, "openai_gptoss"),
     Case("bind-host-name", {VLLM + "bind_address": "my-host"}, "set 127.0.0.1", '"my-host"'),
     Case("served-name-with-space", {VLLM + "served_model_name": "Qwen3 8B"}, "without spaces"),
     Case("shm-size-garbage", {VLLM + "shm_size": "lots"}, 'write e.g. "16g"', '"lots"'),
@@ -359,6 +393,7 @@ def _run(case: Case | None, workdir: Path, facts: Path | None = None) -> Run:
     groups = case.groups if case is not None else ("gpu_hosts",)
     inventory = {"all": {"children": {group: {"hosts": {HOST: host}} for group in groups}}}
     (workdir / "hosts.yml").write_text(json.dumps(inventory, indent=2))
+    (workdir / "images.lock.yml").write_text(yaml.safe_dump(LOCK))
     env = {
         key: value
         for key, value in os.environ.items()

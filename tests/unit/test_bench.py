@@ -140,15 +140,15 @@ ExecStart=/usr/bin/docker run --rm --name vllm \\
   --volume /opt/models/Qwen/Qwen3-8B/master:/models/Qwen3-8B:ro \\
   --env VLLM_CACHE_ROOT=/var/cache/vllm \\
   --volume /var/cache/vllm-host:/var/cache/vllm \\
-  servekit-control:5000/servekit/vllm-cpu@sha256:0123abcd \\
-  --model /models/Qwen3-8B \\
+  servekit-control:5000/servekit/vllm-cpu:v0.32.0@sha256:0123abcd \\
+  /models/Qwen3-8B \\
   --served-model-name Qwen3-8B \\
   --max-model-len 8192 \\
   --reasoning-parser qwen3 \\
   --host 0.0.0.0 --port 8000
 # The unit is "started" only once /health answers.
 ExecStartPost=/usr/local/libexec/servekit/vllm-wait-ready $MAINPID
-ExecStop=/usr/bin/docker stop --time 30 vllm
+ExecStop=/usr/bin/docker stop --time 45 vllm
 Restart=always
 """
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.parsing.dataloader import DataLoader
+from ansible.plugins.loader import filter_loader, init_plugin_loader
 from ansible.template import Templar, trust_as_template
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +34,10 @@ import servekit_net  # noqa: E402
 from test_bad_inputs import Case, _check_stayed_in_preflight, _run  # noqa: E402
 
 LOADER = DataLoader()
+# The role's templates use the file lookup (the image lock, the engine facts) and the kit's
+# own filters, as the template module finds them through ansible.cfg.
+init_plugin_loader()
+filter_loader.add_directory(str(ROOT / "ansible" / "plugins" / "filter"))
 CHAIN = "SERVEKIT-VLLM"
 # What Docker puts in the filter table before any user rule (libnetwork's setupUserChain).
 DOCKER_USER = ["-N DOCKER-USER", "-A FORWARD -j DOCKER-USER", "-A DOCKER-USER -j RETURN"]

@@ -13,7 +13,7 @@ from test_firewall import render
 
 @pytest.fixture
 def host(tmp_path: Path) -> Path:
-    """Stand-ins for systemctl and curl that record calls and answer as the test says."""
+    """Stand-ins for systemctl, curl and docker that record calls and answer as the test says."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "systemctl").write_text(
@@ -21,7 +21,8 @@ def host(tmp_path: Path) -> Path:
         'echo "$*" >> "$HOST/systemctl.log"\n'
     )
     (bin_dir / "curl").write_text('#!/bin/sh\nexit "$(cat "$HOST/curl-exit")"\n')
-    for tool in ("systemctl", "curl"):
+    (bin_dir / "docker").write_text('#!/bin/sh\necho "$*" >> "$HOST/docker.log"\n')
+    for tool in ("systemctl", "curl", "docker"):
         (bin_dir / tool).chmod(0o755)
     (tmp_path / "active").write_text("active\n")
     (tmp_path / "textfile").mkdir()
@@ -69,6 +70,8 @@ def test_three_failures_restart_once_and_the_count_is_published(host):
     out = probe(host, False)
     assert "restarting vllm.service after 3 failed health probes" in out
     assert restarts(host) == ["restart --no-block vllm.service"]
+    # Killed first: a hung server gets no graceful drain.
+    assert (host / "docker.log").read_text().splitlines() == ["kill --signal KILL vllm"]
     assert published(host) == {
         "servekit_vllm_health_restarts_total": 1,
         "servekit_vllm_health_consecutive_failures": 3,

@@ -8,6 +8,7 @@ servingEngineSpec.modelSpec[], vllmConfig, vllmApiKey as a Secret reference).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from servekit.images import vllm_version
 from servekit.k8s import K8sValuesError, k8s_name, render, split_image, values_from_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +115,16 @@ def test_values_map_the_inventory_onto_the_chart(fleet):
 
 
 def test_the_shipped_example_inventory(tmp_path):
-    data = values_from_inventory(ROOT / "inventory" / "example" / "hosts.yml")
+    # The kit ships no digest nobody here could resolve: the site locks its own.
+    tag = f"docker.io/vllm/vllm-openai:v{vllm_version(ROOT)}"
+    with pytest.raises(K8sValuesError, match=rf"{tag} \(gpu-01\) has no digest .*make lock-images"):
+        values_from_inventory(ROOT / "inventory" / "example" / "hosts.yml")
+    inventory = tmp_path / "example"
+    shutil.copytree(ROOT / "inventory" / "example", inventory)
+    (inventory / "images.lock.yml").write_text(
+        yaml.safe_dump({"images": {tag: {"digest": DIGEST, "resolved": "2026-12-06T10:00:00Z"}}})
+    )
+    data = values_from_inventory(inventory / "hosts.yml")
     specs = data["servingEngineSpec"]["modelSpec"]
     # gpu-02 has two GPUs (host_vars/gpu-02.yml).
     assert [(s["replicaCount"], s["vllmConfig"]["tensorParallelSize"]) for s in specs] == [
@@ -121,7 +132,7 @@ def test_the_shipped_example_inventory(tmp_path):
         (1, 2),
     ]
     assert specs[0]["repository"] == "docker.io/vllm/vllm-openai"
-    assert specs[0]["tag"].startswith("v0.13.0@sha256:")
+    assert specs[0]["tag"] == f"v{vllm_version(ROOT)}@{DIGEST}"
     assert specs[0]["env"] == [{"name": "VLLM_USE_MODELSCOPE", "value": "True"}]
     # The example's key is a vault reference: a Secret reference, nothing of the key.
     assert data["servingEngineSpec"]["vllmApiKey"]["secretName"] == "servekit-vllm-api-key"
@@ -146,15 +157,30 @@ def test_defaults_without_a_key_and_an_image_given_on_the_command_line(tmp_path)
     assert "kubectl create secret" not in text
 
 
-def test_the_sandbox_image_is_a_template_and_is_named(tmp_path):
-    proc = cli("--inventory", "inventory/sandbox/hosts.yml")
+def test_the_image_is_the_locked_digest_of_the_hosts_tag(tmp_path):
+    inventory = tmp_path / "sandbox"
+    shutil.copytree(
+        ROOT / "inventory" / "sandbox", inventory, ignore=shutil.ignore_patterns("images.lock.yml")
+    )
+    tag = f"servekit-control:5000/servekit/vllm-cpu:v{vllm_version(ROOT)}"
+    proc = cli("--inventory", str(inventory / "hosts.yml"))
     assert proc.returncode == 2
-    assert "vllm_service_image of sandbox-1 is a template" in proc.stderr
-    proc = cli("--inventory", "inventory/sandbox/hosts.yml", "--image", f"reg:5000/v@{DIGEST}")
+    assert f"{tag} (sandbox-1) has no digest in {inventory / 'images.lock.yml'}" in proc.stderr
+    assert "make lock-images" in proc.stderr
+    (inventory / "images.lock.yml").write_text(
+        yaml.safe_dump({"images": {tag: {"digest": DIGEST, "resolved": "2026-12-06T10:00:00Z"}}})
+    )
+    proc = cli("--inventory", str(inventory / "hosts.yml"))
     assert proc.returncode == 0, proc.stderr
     (spec,) = yaml.safe_load(proc.stdout)["servingEngineSpec"]["modelSpec"]
+    assert spec["repository"] == "servekit-control:5000/servekit/vllm-cpu"
+    assert spec["tag"] == f"v{vllm_version(ROOT)}@{DIGEST}"
     # The sandbox serves on CPU: no GPUs requested.
-    assert spec["requestGPU"] == 0 and spec["repository"] == "reg:5000/v"
+    assert spec["requestGPU"] == 0
+    proc = cli("--inventory", str(inventory / "hosts.yml"), "--image", f"reg:5000/v@{DIGEST}")
+    assert proc.returncode == 0, proc.stderr
+    (spec,) = yaml.safe_load(proc.stdout)["servingEngineSpec"]["modelSpec"]
+    assert spec["repository"] == "reg:5000/v"
 
 
 def test_no_hosts_is_an_error(tmp_path):

