@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 # The role's defaults (ansible/roles/vllm_service/defaults/main.yml).
 HEALTH_INTERVAL_S, HEALTH_TIMEOUT_S, HEALTH_FAILURES = 15, 5, 3
 START_BUDGET_S = 600
-API_KEY = "sk-servekit-fault-suite-7d41c0"
+API_KEY = "sk-servekit-fault-suite-7d41c0e5b2a94f1c"  # 40 characters: preflight wants 32+
 
 
 def record(table, fault, injected_at, detected_at, healthy_at, data_lost="none"):

@@ -57,6 +57,8 @@ BASELINE: dict = {
     "vllm_service_bind_address": "0.0.0.0",
     "vllm_service_allow_unauthenticated": True,
     "vllm_service_start_timeout": 600,
+    # Not the sandbox's; a valid path with an "s" in it, which an escaping slip once refused.
+    "vllm_service_compile_cache_dir": "/srv/servekit/vllm-cache",
 }
 
 
@@ -240,6 +242,47 @@ CASES = [
         variable=VLLM + "api_key",
     ),
     Case("api-key-with-space", {VLLM + "api_key": "sk one two"}, "without them"),
+    Case("api-key-short", {VLLM + "api_key": "k" * 31}, "at least 32", "31 characters"),
+    # Inputs that reach a directory name, the unit's command line or the env file.
+    Case("revision-dot-dot", {"servekit_model_revision": ".."}, "e.g. master", '".."'),
+    Case("revision-current", {"servekit_model_revision": "current"}, 'not "current"', '"current"'),
+    Case(
+        "revision-with-space", {"servekit_model_revision": "v1 --x"}, "letters, digits", '"v1 --x"'
+    ),
+    Case("revision-command", {"servekit_model_revision": "$(reboot)"}, "e.g. master", "$(reboot)"),
+    Case("served-name-colon", {VLLM + "served_model_name": "a:rw"}, "no ':'", '"a:rw"'),
+    Case(
+        "extra-args-api-key",
+        {VLLM + "extra_args": ["--api-key=sk-" + "x" * 40]},
+        "set vllm_service_api_key instead",
+        "--api-key=",
+    ),
+    Case(
+        "extra-args-remote-code",
+        {VLLM + "extra_args": ["--trust-remote-code"]},
+        "allow_unsafe_args",
+    ),
+    Case(
+        "extra-args-newline",
+        {VLLM + "extra_args": ["--max-num-seqs", "8\nExecStartPre=/bin/sh"]},
+        "one line",
+    ),
+    Case("env-dev-mode", {VLLM + "env": {"VLLM_SERVER_DEV_MODE": "1"}}, "allow_unsafe_args"),
+    Case("env-newline", {VLLM + "env": {"A": "1\nVLLM_API_KEY=x"}}, "one line"),
+    Case(
+        "metrics-guard-ipv6-bind",
+        {VLLM + "bind_address": "::"},
+        "vllm_service_metrics_public: true",
+        '"::"',
+        variable=VLLM + "metrics_public",
+    ),
+    Case(
+        "metrics-guard-without-iptables",
+        {"docker_engine_daemon_options": {"iptables": False}},
+        "with Docker's iptables on",
+        variable=VLLM + "metrics_public",
+    ),
+    Case("bind-address-not-on-host", {VLLM + "bind_address": "192.0.2.77"}, "not an address of"),
     # Kubespray-style strict booleans: a quoted "false" is a string, and true in a bare condition.
     Case(
         "allow-unauth-string",

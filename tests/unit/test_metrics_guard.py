@@ -66,7 +66,9 @@ def request(
         ("/metrics", "not-an-address", 403),
         ("/v1/models", "192.168.1.20", 200),  # the API itself is not the guard's business
         ("/health", "192.168.1.20", 200),
-        ("/metricsfoo", "192.168.1.20", 200),  # another route, vLLM answers 404 itself
+        # vLLM serves the metrics on every path that starts with /metrics.
+        ("/metricsfoo", "192.168.1.20", 403),
+        ("/metricsfoo", "10.0.5.7", 200),
     ],
 )
 def test_only_listed_networks_read_metrics(path, client, status):

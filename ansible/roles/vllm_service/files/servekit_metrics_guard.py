@@ -36,7 +36,8 @@ def default_gateway(route_file: str = "/proc/net/route") -> str | None:
 
 
 def is_metrics_path(path: str) -> bool:
-    return path == "/metrics" or path.startswith("/metrics/")
+    # vLLM mounts its metrics app on ^/metrics(?P<path>.*)$: /metricsx serves them too.
+    return path.startswith("/metrics")
 
 
 class MetricsGuard:
