@@ -122,13 +122,23 @@ def test_argument_spec_lists_the_allow_list_like_the_defaults():
     assert bad.error_messages
 
 
+def this_host_ipv4() -> str:
+    """An IPv4 address of this machine other than loopback: preflight checks that the bind
+    address is one of the host's own (the test host is this machine)."""
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    addresses = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    return next(a for a in addresses if not a.startswith("127."))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
         {"vllm_service_firewall_allowed_cidrs": ["10.0.0.0/8", "192.0.2.10"]},
         {
             "vllm_service_firewall_allowed_cidrs": ["192.0.2.0/24"],
-            "vllm_service_bind_address": "192.0.2.1",
+            "vllm_service_bind_address": this_host_ipv4(),
         },
     ],
     ids=["any-address", "one-address"],
