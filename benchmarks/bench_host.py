@@ -17,19 +17,14 @@ from typing import Any
 
 import requests
 
+from servekit.images.registry import MANIFEST_TYPES as REGISTRY_MANIFEST_TYPES
+
 #: Container name of vLLM started by hand (the unit's container is ``vllm``).
 HAND_CONTAINER = "servekit-bench-vllm"
 #: Throw-away container the floors of a fresh host run in.
 FLOOR_CONTAINER = "servekit-bench-floor"
 FLOOR_MARK = "FLOOR"
-MANIFEST_TYPES = ", ".join(
-    [
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.oci.image.index.v1+json",
-    ]
-)
+MANIFEST_TYPES = ", ".join(REGISTRY_MANIFEST_TYPES)
 #: Docker's default number of layers fetched at once (max-concurrent-downloads).
 PULL_CONCURRENCY = 3
 

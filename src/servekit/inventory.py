@@ -81,10 +81,13 @@ def load_inventory(inventory: Path) -> dict:
 
 def load_hostvars(inventory: Path, group: str = "gpu_hosts") -> dict[str, dict]:
     """The variables of every host of ``group`` (and its child groups), in inventory order."""
-    data = load_inventory(inventory)
+    return hostvars_of(load_inventory(inventory), group)
+
+
+def hostvars_of(data: dict, group: str) -> dict[str, dict]:
+    """``load_hostvars`` over an inventory already read with ``load_inventory``."""
     hostvars = data.get("_meta", {}).get("hostvars", {})
-    hosts = _group_hosts(data, group)
-    return {h: hostvars.get(h, {}) for h in hosts}
+    return {h: hostvars.get(h, {}) for h in _group_hosts(data, group)}
 
 
 def group_hosts(inventory: Path, group: str = "gpu_hosts") -> list[str]:

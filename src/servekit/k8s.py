@@ -35,8 +35,7 @@ from typing import Any
 
 import yaml
 
-from servekit.images import lock as image_lock
-from servekit.images.tags import TagError, host_image_tag
+from servekit.images.tags import TagError, locked_host_image
 from servekit.inventory import _plain, is_unresolved, load_hostvars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,16 +239,7 @@ def values_from_inventory(
 
 def _with_locked_image(host: str, hv: dict[str, Any], inventory: Path) -> dict[str, Any]:
     try:
-        tag = host_image_tag(host, hv, ROOT)
+        image = locked_host_image(host, hv, inventory, ROOT)
     except TagError as exc:
-        raise K8sValuesError(str(exc)) from exc
-    if tag is None:  # pinned by hand in the inventory
-        return hv
-    path = image_lock.lock_path(inventory)
-    digest = image_lock.read_lock(path).get(tag)
-    if not digest:
-        raise K8sValuesError(
-            f"{tag} ({host}) has no digest in {path}: run `make lock-images INVENTORY="
-            f"{inventory}`, or give --image name:tag@sha256:..."
-        )
-    return {**hv, "vllm_service_image": f"{tag}@{digest}"}
+        raise K8sValuesError(f"{exc}, or give --image name:tag@sha256:...") from exc
+    return hv if image is None else {**hv, "vllm_service_image": image}

@@ -198,18 +198,18 @@ def _configured_image(host, inventory_vars, inventory_path, unit_image) -> tuple
     `vllm_service_image` (pinned by hand), else the role's tag at the digest of the lock
     beside the inventory; when the inventory value is a template, the unit's image."""
     from servekit.images import lock
-    from servekit.images.tags import host_image_tag
+    from servekit.images.tags import TagError, locked_host_image
 
     raw = inventory_vars.get("vllm_service_image")
     if raw is not None and is_unresolved(raw):
         return unit_image, f"{UNIT_FILE} (the inventory value is a template)"
     if raw is not None:
         return str(raw), "the inventory's vllm_service_image"
-    tag = host_image_tag(host.backend.host, inventory_vars, ROOT)
-    path = lock.lock_path(inventory_path)
-    digest = lock.read_lock(path).get(tag)
-    assert digest, f"expected {path} to lock {tag}: run `make lock-images INVENTORY=...`"
-    return f"{tag}@{digest}", str(path)
+    try:
+        image = locked_host_image(host.backend.host, inventory_vars, inventory_path, ROOT)
+    except TagError as exc:
+        pytest.fail(f"expected the lock to hold the host's image: {exc}")
+    return image, str(lock.lock_path(inventory_path))
 
 
 def test_container_runs_the_pinned_image(

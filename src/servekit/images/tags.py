@@ -10,12 +10,14 @@ inventory is pinned by hand and needs no lock entry.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..inventory import _plain, group_hosts, load_hostvars
+from ..inventory import _plain, hostvars_of, load_inventory
+from . import lock
 from .versions import vllm_version
 
 _ROLES = Path("ansible/roles")
@@ -75,9 +77,10 @@ def inventory_image_tags(
     inventory: Path, root: Path, group: str = "gpu_hosts"
 ) -> dict[str, list[str]]:
     """Every tag the hosts of ``group`` run -> those hosts (hosts pinned by hand left out)."""
-    monitored = bool(group_hosts(inventory, "monitoring"))
+    data = load_inventory(inventory)
+    monitored = bool(hostvars_of(data, "monitoring"))
     tags: dict[str, list[str]] = {}
-    for host, hv in load_hostvars(inventory, group).items():
+    for host, hv in hostvars_of(data, group).items():
         found = [host_image_tag(host, hv, root)]
         if monitored:
             found.append(dcgm_image_tag(host, hv, root))
@@ -86,6 +89,22 @@ def inventory_image_tags(
     return tags
 
 
+def locked_host_image(host: str, hv: Mapping[str, Any], inventory: Path, root: Path) -> str | None:
+    """``repository:tag@digest`` that ``host`` deploys: its tag at the digest of the lock
+    beside ``inventory``; None when it is pinned by hand. TagError when the lock has no entry."""
+    tag = host_image_tag(host, hv, root)
+    if tag is None:
+        return None
+    path = lock.lock_path(inventory)
+    digest = lock.read_lock(path).get(tag)
+    if not digest:
+        raise TagError(
+            f"{tag} ({host}) has no digest in {path}: run `make lock-images INVENTORY={inventory}`"
+        )
+    return f"{tag}@{digest}"
+
+
+@cache
 def _defaults(root: Path, role: str) -> dict[str, Any]:
     return yaml.safe_load((root / _ROLES / role / "defaults" / "main.yml").read_text()) or {}
 

