@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -121,3 +122,76 @@ def push_relabelled(state, tag: str, label: str) -> str:
 def push_tag(client, repo: str, tag: str) -> None:
     for chunk in client.api.push(repo, tag=tag, stream=True, decode=True):
         assert "error" not in chunk, chunk["error"]
+
+
+# vLLM logs every route it mounts at start-up: "Route: /v1/models, Methods: GET, HEAD".
+ROUTE_LINE = re.compile(r"Route: (?P<path>/\S*), Methods: (?P<methods>[A-Z]+(?:, [A-Z]+)*)")
+# Mounted apps are not in that list: the metrics, and paths that once slipped past a guard.
+UNLISTED = [("GET", "/metrics"), ("GET", "/metricsx"), ("GET", "/metrics/")]
+
+
+def served_routes(container: str = HOST_CONTAINER) -> list[tuple[str, str]]:
+    """(method, path) of every route the server on ``container`` mounts, read from the list it
+    logs at start-up (path parameters filled in), plus the mounted metrics app."""
+    journal = subprocess.run(
+        ["docker", "exec", container, "journalctl", "-u", "vllm", "-o", "cat", "--no-pager"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = set(UNLISTED)
+    for m in ROUTE_LINE.finditer(journal):
+        path = re.sub(r"\{[^}]*\}", "x", m["path"])
+        found |= {(method, path) for method in m["methods"].split(", ") if method != "HEAD"}
+    assert len(found) > 20, (
+        f"the server logged {len(found)} routes: is its start-up in the journal?"
+    )
+    return sorted(found)
+
+
+def scan_routes(
+    base_url: str, routes: list[tuple[str, str]], key: str | None = None
+) -> dict[str, int]:
+    """Each route's HTTP status, asked with an empty JSON body (POST) and the key if given."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with requests.Session() as session:
+        return {
+            f"{method} {path}": session.request(
+                method,
+                base_url + path,
+                json={} if method != "GET" else None,
+                headers=headers,
+                timeout=30,
+            ).status_code
+            for method, path in routes
+        }
+
+
+# The default allow-list (vllm_service_allowed_routes, gateway_allowed_routes): these need the
+# key when one is set; /health, /ping and /version never do; everything else is 404.
+KEYED_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"}
+OPEN_ROUTES = {"/health", "/ping", "/version"}
+
+
+def unexpected_answers(scan: dict[str, int], metrics: int) -> dict[str, int]:
+    """What a scan without the key got that a closed server must not answer: 401 on the keyed
+    routes, 404 off the list, ``metrics`` on /metrics; the open routes answer (200, or 405 for
+    a method they lack)."""
+    wrong = {}
+    for route, status in scan.items():
+        path = route.split(" ", 1)[1]
+        if path in OPEN_ROUTES:
+            expected = {200, 405}
+        elif path == "/metrics":
+            expected = {metrics}
+        else:
+            expected = {401} if path in KEYED_ROUTES else {404}
+        if status not in expected:
+            wrong[route] = status
+    return wrong
+
+
+def write_scan_report(name: str, scan: dict[str, int]) -> None:
+    report = ROOT / "reports" / f"{name}.json"
+    report.parent.mkdir(exist_ok=True)
+    report.write_text(json.dumps(scan, indent=2, sort_keys=True) + "\n")

@@ -23,9 +23,13 @@ from sandbox_helpers import (
     healthy,
     on_host,
     recap,
+    scan_routes,
+    served_routes,
     started_and_healthy,
+    unexpected_answers,
     vllm_identity,
     wait_for,
+    write_scan_report,
 )
 
 from servekit.probe import run_probes
@@ -214,6 +218,25 @@ def test_api_key_is_enforced_never_leaks_and_verify_needs_it(serving, tmp_path, 
         )
         ok = requests.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
         assert ok.status_code == 200
+        chat = requests.post(
+            f"{BASE_URL}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={
+                "model": "Qwen3-8B",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            },
+            timeout=120,
+        )
+        assert chat.status_code == 200, chat.text[:300]
+
+        # Every route the server mounts, asked without the key: only 401/403/404/405, the
+        # health routes aside (/metrics answers this machine: it is an admitted scraper).
+        scan = scan_routes(BASE_URL, served_routes())
+        write_scan_report("route-scan-host", scan)
+        assert set(scan.values()) <= {200, 401, 403, 404, 405}, scan
+        assert unexpected_answers(scan, metrics=200) == {}, scan
+        assert scan["POST /invocations"] == 404 and scan["GET /load"] == 404
         for probe in (
             ["ps", "-eo", "args"],
             ["systemctl", "show", "vllm"],

@@ -32,7 +32,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from sandbox_helpers import ansible_playbook, push_relabelled, recap, wait_for
+from sandbox_helpers import (
+    ansible_playbook,
+    push_relabelled,
+    recap,
+    scan_routes,
+    served_routes,
+    unexpected_answers,
+    wait_for,
+    write_scan_report,
+)
 
 from servekit.sandbox import fleet as sandbox_fleet
 from servekit.sandbox import manager
@@ -236,6 +245,39 @@ def test_fleet_deploys_and_verifies(serving, tmp_path):
     assert result.ok, "make verify failed on the fleet (see the output above)"
     verified = json.loads((tmp_path / "verify.json").read_text())["hosts"]
     assert set(verified) == names
+
+
+def test_the_gateway_forwards_only_the_allow_list_and_wants_its_key(serving):
+    """The same scan as on a single host, through the gateway deployed with a key: the
+    gateway answers 404 off the list and 401 without the key; only the health routes pass."""
+    key = "sk-servekit-fleet-gateway-3c9e7a1f5b2d8e40"  # 40 characters
+    keyed = json.dumps({"gateway_api_key": key})
+    ansible_playbook("fleet-gateway-key", "gateway.yml", "-e", keyed, inventory=serving.inventory)
+    try:
+        before = {n: s["requests"] for n, s in gateway_servers().items()}
+        scan = scan_routes(GATEWAY_URL, served_routes(manager.host_container(1)))
+        write_scan_report("route-scan-gateway", scan)
+        assert set(scan.values()) <= {200, 401, 403, 404, 405}, scan
+        assert unexpected_answers(scan, metrics=403) == {}, scan
+        forwarded = sum(s["requests"] - before[n] for n, s in gateway_servers().items())
+        open_asked = sum(
+            1 for route in scan if route.split(" ", 1)[1] in {"/health", "/ping", "/version"}
+        )
+        assert forwarded <= open_asked, f"{forwarded} requests reached a server, {open_asked} may"
+        headers = {"Authorization": f"Bearer {key}"}
+        models = requests.get(f"{GATEWAY_URL}/v1/models", headers=headers, timeout=10)
+        assert models.json()["data"][0]["id"] == MODEL
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        chat = requests.post(
+            f"{GATEWAY_URL}/v1/chat/completions", json=body, headers=headers, timeout=120
+        )
+        assert chat.status_code == 200, chat.text[:300]
+    finally:
+        restored = ansible_playbook(
+            "fleet-gateway-open", "gateway.yml", inventory=serving.inventory
+        )
+    assert recap(restored)[sandbox_fleet.GATEWAY_HOSTNAME]["changed"] > 0
+    assert requests.get(f"{GATEWAY_URL}/v1/models", timeout=10).status_code == 200
 
 
 def test_killing_a_host_under_load_fails_no_request(serving):

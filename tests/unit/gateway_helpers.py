@@ -26,7 +26,7 @@ HELPER = ROLE / "files" / "haproxy-api"
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 HAPROXY = shutil.which("haproxy")
 
-KEY = "sk-gateway-test-5e1f"
+KEY = "sk-gateway-test-5e1f0c2d9a7b4e6f8a1c3e5d7b9f"
 FATAL = re.compile(r"^fatal: \[(?P<host>[^\]]+)\]: FAILED! => (?P<json>\{.*\})$", re.M)
 
 RENDER = """
@@ -41,6 +41,12 @@ RENDER = """
         src: "{{ role_dir }}/templates/servekit-api-keys.lst.j2"
         dest: "{{ _gateway_api_keys_file }}"
         mode: "0600"
+    - name: TLS certificate and key
+      ansible.builtin.copy:
+        content: "{{ gateway_tls_certificate }}"
+        dest: "{{ _gateway_tls_file }}"
+        mode: "0600"
+      when: gateway_tls_certificate | length > 0
     - name: Configuration, checked as the role checks it
       ansible.builtin.template:
         src: "{{ role_dir }}/templates/haproxy.cfg.j2"
@@ -127,6 +133,7 @@ def internal_paths(workdir: Path) -> dict:
         "role_dir": str(ROLE),
         "out": str(workdir),
         "_gateway_api_keys_file": str(workdir / "keys.lst"),
+        "_gateway_tls_file": str(workdir / "tls.pem"),
         "_gateway_state_file": str(workdir / "server-state"),
         "_gateway_stats_socket": str(workdir / "admin.sock"),
         "_gateway_chroot": "",

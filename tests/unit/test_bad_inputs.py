@@ -218,7 +218,7 @@ CASES = [
     Case(
         "metrics-cidr-is-a-name",
         {VLLM + "metrics_allowed_cidrs": ["prometheus.example.com"]},
-        "the /metrics guard cannot admit",
+        "the route gate cannot admit to /metrics",
         '"prometheus.example.com" is not an IP address or network',
     ),
     Case(
@@ -226,6 +226,31 @@ CASES = [
         {VLLM + "metrics_allowed_cidrs": "10.0.5.0/24"},
         "is not a list",
         '"10.0.5.0/24"',
+    ),
+    # The route allow-list: a real list of plain paths, /health kept, /metrics not in it.
+    Case(
+        "routes-without-health",
+        {VLLM + "allowed_routes": ["/v1/models", "/v1/chat/completions"]},
+        "add /health",
+        "lacks /health",
+    ),
+    Case(
+        "routes-a-string",
+        {VLLM + "allowed_routes": "/health,/v1/models"},
+        "must be a YAML list",
+        '"/health,/v1/models"',
+    ),
+    Case(
+        "routes-climb-out",
+        {VLLM + "allowed_routes": ["/health", "/v1/../load"]},
+        "no '..'",
+        '"/v1/../load"',
+    ),
+    Case(
+        "routes-list-metrics",
+        {VLLM + "allowed_routes": ["/health", "/metrics"]},
+        "vllm_service_metrics_allowed_cidrs",
+        "lists /metrics",
     ),
     Case(
         "firewall-on-ipv6-bind",

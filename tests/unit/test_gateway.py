@@ -11,6 +11,7 @@ need the `haproxy` binary (`apt-get install haproxy`) and are skipped without it
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -18,11 +19,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 from fake_backend import MODEL
-from gateway_helpers import HAPROXY, HELPER, KEY, Gateway, Run, render
+from gateway_helpers import HAPROXY, HELPER, KEY, Gateway, Run, render, start_live_gateway
 
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed")
 
@@ -71,6 +73,51 @@ BAD = [
         None,
         "gateway_api_key",
         "gateway_allow_unauthenticated",
+    ),
+    # Keys on the servers leave /health-style routes and anything the servers let through
+    # open at the edge: the gateway itself needs one.
+    (
+        "open-with-keyed-backends",
+        {"gateway_bind_address": "0.0.0.0"},
+        {"b1": {"vllm_service_api_key": "k" * 40}, "b2": {"vllm_service_api_key": "k" * 40}},
+        "gateway_api_key is empty",
+        "bind to 127.0.0.1",
+    ),
+    ("short-key", {"gateway_api_key": "sk-short"}, None, "gateway_api_key has 8", "32 or more"),
+    (
+        "routes-without-health",
+        {"gateway_allowed_routes": ["/v1/models"]},
+        None,
+        "gateway_allowed_routes lacks /health",
+        "add /health",
+    ),
+    (
+        "routes-a-string",
+        {"gateway_allowed_routes": "/health,/v1/models"},
+        None,
+        "gateway_allowed_routes=",
+        "YAML list",
+    ),
+    (
+        "routes-escape",
+        {"gateway_allowed_routes": ["/health", "/v1/../tokenize"]},
+        None,
+        "gateway_allowed_routes=",
+        "no '..'",
+    ),
+    (
+        "routes-metrics",
+        {"gateway_allowed_routes": ["/health", "/metrics"]},
+        None,
+        "gateway_allowed_routes lists /metrics",
+        "gateway_expose_metrics: true",
+    ),
+    (
+        "tls-not-pem",
+        {"gateway_tls_certificate": "not a certificate"},
+        None,
+        "gateway_tls_certificate",
+        "one PEM",
     ),
 ]
 
@@ -122,7 +169,10 @@ def test_rendered_configuration(tmp_path):
     assert "retries 3\n" in cfg and "retry-on conn-failure empty-response response-timeout" in cfg
     assert "timeout server 900s" in cfg and "hard-stop-after 900s" in cfg
     assert "balance leastconn" in cfg
-    assert "path,url_dec -m beg /metrics" in cfg
+    assert "acl servekit_metrics path /metrics" in cfg
+    frontend = cfg.split("frontend servekit", 1)[1].split("backend vllm", 1)[0]
+    assert "acl servekit_route path /v1/models /v1/chat/completions /v1/completions " in frontend
+    assert "if !servekit_route or servekit_dotdot" in frontend
     # The key is in its own 0600 file, never in the configuration.
     assert KEY not in cfg and "http_auth_bearer -m str -f" in cfg
     keys = tmp_path / "keys.lst"
@@ -133,8 +183,10 @@ def test_rendered_configuration(tmp_path):
     exposed = render(tmp_path / "exposed", gateway_expose_metrics=True)
     assert exposed.rc == 0, exposed.output[-3000:]
     cfg = (tmp_path / "exposed" / "haproxy.cfg").read_text()
-    assert "/metrics" not in cfg.split("frontend servekit", 1)[1].split("backend vllm", 1)[0]
+    frontend = cfg.split("frontend servekit", 1)[1].split("backend vllm", 1)[0]
+    assert "status 403" not in frontend and "if !servekit_route !servekit_metrics" in frontend
     assert "http_auth_bearer" not in cfg  # no key: no check at the edge
+    assert " ssl crt " not in cfg and not (tmp_path / "exposed" / "tls.pem").exists()
 
 
 # ---------------------------------------------------------------------- live HAProxy
@@ -179,11 +231,58 @@ def test_requests_are_spread_and_streams_pass_through_unbuffered(gateway, backen
     assert last - first > 0.9, f"the chunks arrived together: {arrivals}"
 
 
+# Paths the stand-in servers answer 200 to, which the default allow-list leaves out; and
+# allowed ones written so that a naive match would pass them.
+OFF_THE_LIST = [
+    "/invocations",
+    "/pooling",
+    "/score",
+    "/scale_elastic_ep",
+    "/load",
+    "/docs",
+    "/openapi.json",
+    "/server_info",
+    "/v1/embeddings",
+    "/metricsx",
+    "/metrics/",
+    "/%6Detrics",
+    "/v1/%6Dodels",
+    "/v1/models/",
+    "//v1/models",
+    "/v1/models/%2e%2e/%2e%2e/load",
+    "/",
+]
+
+
+@needs_haproxy
+@pytest.mark.parametrize("path", OFF_THE_LIST)
+def test_routes_off_the_list_never_reach_a_server(gateway, path):
+    before = {n: gateway.server(n)["requests"] for n in ("b1", "b2")}
+    for headers in ({}, {"Authorization": f"Bearer {KEY}"}):
+        for method in ("GET", "POST"):
+            # http.client sends the path as written (requests would normalise %6D to m).
+            conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+            try:
+                conn.request(
+                    method, path, body=b"{}" if method == "POST" else None, headers=headers
+                )
+                resp = conn.getresponse()
+                assert resp.status == 404, (method, path, resp.status, resp.read())
+            finally:
+                conn.close()
+    assert {n: gateway.server(n)["requests"] for n in ("b1", "b2")} == before
+
+
 @needs_haproxy
 def test_metrics_are_refused_and_the_key_is_checked_at_the_edge(gateway):
-    for path in ("/metrics", "/metrics/", "/%6Detrics", "/metricsx"):
-        resp = requests.get(f"{gateway.url}{path}", timeout=5)
-        assert resp.status_code == 403, (path, resp.status_code, resp.text)
+    resp = requests.get(f"{gateway.url}/metrics", timeout=5)
+    assert resp.status_code == 403, (resp.status_code, resp.text)
+    for path in ("/ping", "/version"):
+        assert requests.get(f"{gateway.url}{path}", timeout=5).status_code == 200, path
+    for path in ("/tokenize", "/detokenize", "/v1/completions"):
+        resp = requests.post(f"{gateway.url}{path}", json={}, timeout=5)
+        assert resp.status_code == 401, (path, resp.status_code)
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
     assert requests.get(f"{gateway.url}/health", timeout=5).status_code == 200
     models = f"{gateway.url}/v1/models"
     assert requests.get(models, timeout=5).status_code == 401
@@ -255,3 +354,63 @@ def test_the_helper_says_which_server_it_does_not_know(gateway, tmp_path):
         check=False,
     )
     assert gone.returncode == 2 and "cannot talk to HAProxy" in gone.stderr
+
+
+def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, made with openssl: (cert, key)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@needs_haproxy
+def test_tls_at_the_edge_with_a_certificate_a_client_verifies(tmp_path, backends):
+    cert, key = make_certificate(tmp_path, "gateway")
+    other, _ = make_certificate(tmp_path, "someone-else")
+    pem = cert.read_text() + key.read_text()
+    tls = start_live_gateway(tmp_path / "tls", backends, gateway_tls_certificate=pem)
+    try:
+        cfg = (tmp_path / "tls" / "haproxy.cfg").read_text()
+        assert " ssl crt " in cfg and "X-Forwarded-Proto https" in cfg
+        assert (
+            "PRIVATE KEY" not in cfg and "PRIVATE KEY" in (tmp_path / "tls" / "tls.pem").read_text()
+        )
+        assert (tmp_path / "tls" / "tls.pem").stat().st_mode & 0o777 == 0o600
+        url = f"https://127.0.0.1:{tls.port}"
+        right = {"Authorization": f"Bearer {KEY}"}
+        models = requests.get(f"{url}/v1/models", headers=right, verify=str(cert), timeout=5)
+        assert models.json()["data"][0]["id"] == MODEL
+        assert requests.get(f"{url}/v1/models", verify=str(cert), timeout=5).status_code == 401
+        assert (
+            requests.get(f"{url}/load", headers=right, verify=str(cert), timeout=5).status_code
+            == 404
+        )
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"{url}/health", verify=str(other), timeout=5)
+        with pytest.raises(requests.RequestException):
+            requests.get(f"http://127.0.0.1:{tls.port}/health", timeout=5).raise_for_status()
+    finally:
+        tls.stop()
