@@ -257,6 +257,24 @@ def test_server_reports_the_pinned_vllm_version(host, hostvars, pinned_vllm_vers
     )
 
 
+def test_routes_off_the_allow_list_are_closed(host, hostvars):
+    """vLLM routes its --api-key does not guard answer 404 from the route gate, even to the
+    host itself (vllm_service_allowed_routes)."""
+    base = _health_url(hostvars).removesuffix("/health")
+    allowed = set(hostvars["vllm_service_allowed_routes"])
+    curl = "curl --silent --output /dev/null --max-time 10 --write-out '%%{http_code}' %s"
+    answers = {
+        path: host.run(curl, base + path).stdout.strip()
+        for path in ("/invocations", "/load", "/docs", "/openapi.json", "/metricsx")
+        if path not in allowed
+    }
+    open_routes = {path: code for path, code in answers.items() if code != "404"}
+    assert not open_routes, (
+        f"expected 404 from the route gate, got {open_routes}: is the unit's --middleware "
+        "servekit_gate.RouteGate in place (re-deploy)?"
+    )
+
+
 def _secret_places(host, vllm_container) -> dict[str, str]:
     """Where a secret must never show: process arguments and the unit's properties."""
     config = vllm_container.get("Config") or {}

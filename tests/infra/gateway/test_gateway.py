@@ -1,7 +1,8 @@
 """Is the gateway converged: HAProxy pinned, held, active and enabled; its configuration valid
 and listing every host of the backend group; every backend UP by HAProxy's own active checks
 and in rotation (a drain left by an interrupted roll-out is a finding); the ports where they
-belong; the edge key private; /metrics refused through the gateway unless exposed.
+belong; the edge key private; /metrics refused through the gateway unless exposed, and paths off the
+allow-list closed.
 
 `servekit verify` runs this for the hosts of group `gateway` (the vLLM host checks are for
 gpu_hosts). Settings come from the inventory, with the gateway role's defaults."""
@@ -131,12 +132,28 @@ def test_api_key_file_is_private_and_the_key_in_no_arguments(host):
     assert not leaked, f"expected the gateway key in no process arguments, found {leaked}"
 
 
+def _gateway_status(host, gw, path: str) -> str:
+    """HTTP status of GET ``path`` through the gateway, from the gateway host (TLS when the
+    configuration terminates it; the certificate is not the point here)."""
+    bind = str(gw["gateway_bind_address"])
+    address = "127.0.0.1" if bind in ("0.0.0.0", "127.0.0.1") else bind
+    tls = " ssl crt " in _root(host, "cat %s", CONFIG).stdout
+    url = f"{'https' if tls else 'http'}://{address}:{gw['gateway_port']}{path}"
+    curl = "curl --silent --insecure --output /dev/null --max-time 5 --write-out '%%{http_code}' %s"
+    return host.run(curl, url).stdout.strip()
+
+
 def test_metrics_are_refused_through_the_gateway(host, gw):
     if gw["gateway_expose_metrics"] is True:
         pytest.skip("gateway_expose_metrics is true")
-    bind = str(gw["gateway_bind_address"])
-    address = "127.0.0.1" if bind in ("0.0.0.0", "127.0.0.1") else bind
-    url = f"http://{address}:{gw['gateway_port']}/metrics"
-    curl = "curl --silent --output /dev/null --max-time 5 --write-out '%%{http_code}' %s"
-    code = host.run(curl, url)
-    assert code.stdout.strip() == "403", f"expected GET {url} refused with 403, got {code.stdout}"
+    code = _gateway_status(host, gw, "/metrics")
+    assert code == "403", f"expected GET /metrics refused with 403 through the gateway, got {code}"
+
+
+def test_routes_off_the_allow_list_are_closed_at_the_gateway(host, gw):
+    allowed = set(gw["gateway_allowed_routes"])
+    for path in ("/invocations", "/load", "/docs", "/openapi.json", "/scale_elastic_ep"):
+        if path in allowed:
+            continue
+        code = _gateway_status(host, gw, path)
+        assert code == "404", f"expected GET {path} closed (404) at the gateway, got {code}"
