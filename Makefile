@@ -26,6 +26,9 @@ IMAGES_ARGS := --inventory $(INVENTORY) $(if $(IS_SANDBOX),--registry-alias serv
 export ANSIBLE_CONFIG := $(CURDIR)/ansible/ansible.cfg
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
+# `make test` writes each phase's wall time here (tests/conftest.py, scripts/phase).
+PHASES := reports/phases.tsv
+test: export SERVEKIT_PHASES := $(CURDIR)/$(PHASES)
 
 .PHONY: help venv host-tools sandbox deploy lock-images engine-facts record-fixtures roll verify probe test test-unit test-e2e test-faults test-fleet lint destroy clean
 
@@ -92,10 +95,14 @@ test-faults: venv host-tools ## Fault suite on the sandbox: kill, freeze, crash 
 test-fleet: venv host-tools ## Sandbox fleet (3 hosts + gateway): a host killed and rolling updates under load, no failed request
 	pytest tests/e2e/test_fleet_live.py -q $(PYTEST_ARGS)
 
-test: lint venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end, the fault suite, the fleet
-	pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet_live.py $(PYTEST_ARGS)
-	@# The fleet brings up its own sandbox (3 hosts + gateway) once the single host is gone.
-	pytest tests/e2e/test_fleet_live.py -q $(PYTEST_ARGS)
+test: venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end, the fault suite, the fleet; time per phase
+	@mkdir -p reports && : > $(PHASES)
+	@scripts/phase lint $(MAKE) --no-print-directory lint || { scripts/phase-table $(PHASES); exit 1; }
+	pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet_live.py --ignore tests/e2e/test_sandbox_host.py $(PYTEST_ARGS) || { scripts/phase-table $(PHASES); exit 1; }
+	@# The fleet brings up its own sandbox (3 hosts + gateway) once the single host is gone, on the
+	@# registry cache the single host filled; the lifecycle module, last, purges that cache.
+	pytest tests/e2e/test_fleet_live.py tests/e2e/test_sandbox_host.py -q $(PYTEST_ARGS) || { scripts/phase-table $(PHASES); exit 1; }
+	@scripts/phase-table $(PHASES)
 
 .PHONY: bench bench-model
 

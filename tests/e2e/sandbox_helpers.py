@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -195,3 +196,34 @@ def write_scan_report(name: str, scan: dict[str, int]) -> None:
     report = ROOT / "reports" / f"{name}.json"
     report.parent.mkdir(exist_ok=True)
     report.write_text(json.dumps(scan, indent=2, sort_keys=True) + "\n")
+
+
+def failed_checks(result) -> set[str]:
+    """Names of the failed host checks (test function) and request probes of a verify run."""
+    names = {t.name.split("::")[-1] for h in result.hosts for t in h.tests if t.status == "FAIL"}
+    names |= {r.name for run in result.runs for r in run.results if not r.ok and not r.skipped}
+    return names
+
+
+class FirstFailure:
+    """Polls /health from the moment it is entered; ``at`` is when it first failed (None
+    while it never has): detection measured, not assumed."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval, self.at = interval, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> FirstFailure:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set() and self.at is None:
+            if not healthy(timeout=1.0):
+                self.at = time.monotonic()
+            self._stop.wait(self.interval)

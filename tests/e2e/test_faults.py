@@ -19,7 +19,9 @@ from sandbox_helpers import (
     BASE_URL,
     HOST_CONTAINER,
     INVENTORY,
+    FirstFailure,
     ansible_playbook,
+    failed_checks,
     healthy,
     on_host,
     recap,
@@ -78,15 +80,18 @@ def serving(deployment):
     assert model_manifest() == files, "the model changed during a fault"
 
 
-def test_container_sigkill_is_restarted_by_systemd(serving, fault_table):
+def test_container_sigkill_is_restarted_by_systemd(serving, fault_table, tmp_path):
     before = vllm_identity()
     t0 = time.monotonic()
     assert on_host("docker", "kill", "--signal", "KILL", "vllm").returncode == 0
     wait_for(lambda: not healthy(), "/health fails after SIGKILL", 30, 0.1)
     detected = time.monotonic()
+    # While the new container starts, `make verify` fails and names the health check.
+    down = run_verify(INVENTORY, tmp_path)
     wait_for(healthy, "healthy again after SIGKILL", START_BUDGET_S)
     record(fault_table, "container killed (SIGKILL)", t0, detected, time.monotonic())
     assert vllm_identity()[1] != before[1], "a new container serves"
+    assert not down.ok and "health" in failed_checks(down), failed_checks(down)
 
 
 def test_frozen_server_is_restarted_by_the_health_timer(serving, fault_table):
@@ -127,11 +132,12 @@ def test_engine_death_inside_the_server_is_restarted(serving, fault_table):
 
 
 def test_docker_restart_brings_vllm_back(serving, fault_table):
-    t0 = time.monotonic()
-    assert on_host("systemctl", "restart", "docker").returncode == 0
-    detected = time.monotonic() if not healthy() else None
+    with FirstFailure() as outage:
+        t0 = time.monotonic()
+        assert on_host("systemctl", "restart", "docker").returncode == 0
+        wait_for(lambda: outage.at is not None, "/health fails once Docker restarts", 60, 0.1)
     wait_for(healthy, "healthy again after a Docker restart", START_BUDGET_S)
-    record(fault_table, "Docker daemon restarted", t0, detected or t0, time.monotonic())
+    record(fault_table, "Docker daemon restarted", t0, outage.at, time.monotonic())
     wait_for(lambda: unit_property("ActiveState") == "active", "vllm.service started", 60)
 
 

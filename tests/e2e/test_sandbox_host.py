@@ -2,8 +2,9 @@
 
 Needs a Docker engine on this machine (``scripts/ensure-host-tools.sh``) and root for the first
 build of the base image (debootstrap). The first run builds the images (~5 min on two
-cores); later runs reuse them. ``down()`` at the end removes the sandbox; if one was up
-before the tests, it is brought up again afterwards (fresh).
+cores); later runs reuse them. ``down()`` at the end removes the sandbox and
+``down(purge=True)`` its registry cache too, and nothing brings it back: run this module last
+(`make test` runs it after the fleet; the e2e conftest orders it after the others).
 """
 
 from __future__ import annotations
@@ -31,11 +32,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def sandbox():
     ensure_docker_engine()
-    was_up = bool(status().get("hosts"))
-    state = up(hosts=1)
-    yield state
-    if was_up and not status().get("hosts"):
-        up(hosts=1)
+    return up(hosts=1)
 
 
 def ssh(state: SandboxState, command: str, known_hosts: bool = True) -> subprocess.CompletedProcess:
