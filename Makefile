@@ -97,8 +97,9 @@ test-fleet: venv host-tools ## Sandbox fleet (3 hosts + gateway): a host killed 
 
 test: venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end, the fault suite, the fleet; time per phase
 	@mkdir -p reports && : > $(PHASES)
-	@scripts/phase lint $(MAKE) --no-print-directory lint || { scripts/phase-table $(PHASES); exit 1; }
-	pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet_live.py --ignore tests/e2e/test_sandbox_host.py $(PYTEST_ARGS) || { scripts/phase-table $(PHASES); exit 1; }
+	@scripts/prepare-sandbox start
+	@scripts/phase lint $(MAKE) --no-print-directory lint || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
+	SERVEKIT_PREPARED_DEPLOY=$(CURDIR)/reports/deploy-1.rc pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet_live.py --ignore tests/e2e/test_sandbox_host.py $(PYTEST_ARGS) || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
 	@# The fleet brings up its own sandbox (3 hosts + gateway) once the single host is gone, on the
 	@# registry cache the single host filled; the lifecycle module, last, purges that cache.
 	pytest tests/e2e/test_fleet_live.py tests/e2e/test_sandbox_host.py -q $(PYTEST_ARGS) || { scripts/phase-table $(PHASES); exit 1; }
