@@ -105,7 +105,10 @@ test: venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end,
 	pytest tests/e2e/test_fleet_live.py tests/e2e/test_sandbox_host.py -q $(PYTEST_ARGS) || { scripts/phase-table $(PHASES); exit 1; }
 	@scripts/phase-table $(PHASES)
 
-.PHONY: bench bench-model
+fault-table: ## Write the fault table of the last make test (reports/faults.json) into README.md
+	@scripts/fault-table reports/faults.json README.md
+
+.PHONY: bench bench-model fault-table
 
 bench: venv host-tools ## Benchmark on the sandbox (~25 min on 2 cores; recreates the host): times vs floors, reports/bench.json
 	$(PY) benchmarks/bench.py --out reports/bench.json

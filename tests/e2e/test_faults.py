@@ -142,10 +142,12 @@ def test_docker_restart_brings_vllm_back(serving, fault_table):
 
 
 def test_host_reboot_brings_everything_back(serving, fault_table):
-    t0 = time.monotonic()
-    subprocess.run(["docker", "restart", HOST_CONTAINER], check=True, capture_output=True)
+    with FirstFailure() as outage:
+        t0 = time.monotonic()
+        subprocess.run(["docker", "restart", HOST_CONTAINER], check=True, capture_output=True)
+        wait_for(lambda: outage.at is not None, "/health fails once the host reboots", 60, 0.1)
     wait_for(healthy, "healthy again after a host reboot", START_BUDGET_S)
-    record(fault_table, "host rebooted", t0, t0, time.monotonic())
+    record(fault_table, "host rebooted", t0, outage.at, time.monotonic())
     # /health answers a moment before the unit's readiness wait (ExecStartPost) returns.
     wait_for(started_and_healthy, "vllm.service started after the reboot", 60)
     for unit in ("docker", "vllm", "vllm-health.timer"):
