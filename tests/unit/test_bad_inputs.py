@@ -469,6 +469,47 @@ CASES = [
         groups=MONITORED,
         check_mode=True,
     ),
+    # Two services of one host on one port: both settings are named, with a free port for one.
+    Case(
+        "port-clash-prometheus-vllm",
+        {"monitoring_prometheus_listen_address": "127.0.0.1:8000"},
+        "e.g. monitoring_prometheus_listen_address: 127.0.0.1:8001",
+        "vllm_service_port=8000",
+        groups=MONITORED,
+    ),
+    Case(
+        "port-clash-node-exporter-vllm",
+        {"monitoring_node_exporter_port": 8000},
+        "e.g. monitoring_node_exporter_port: 8001",
+        "vllm_service_port=8000",
+        groups=MONITORED,
+    ),
+    # A gateway on a GPU host: both default to port 8000.
+    Case(
+        "port-clash-gateway-vllm",
+        {"gateway_allow_unauthenticated": True},
+        "e.g. gateway_port: 8001",
+        "vllm_service_port=8000",
+        variable="gateway_port",
+        groups=("gpu_hosts", "gateway"),
+    ),
+    Case(
+        "port-clash-gateway-stats-prometheus",
+        {"gateway_allow_unauthenticated": True, "gateway_port": 8080, "gateway_stats_port": 9090},
+        "e.g. monitoring_prometheus_listen_address: 127.0.0.1:9091",
+        'monitoring_prometheus_listen_address="127.0.0.1:9090"',
+        variable="gateway_stats_port",
+        groups=("gpu_hosts", "gateway", "monitoring"),
+    ),
+    Case(
+        "port-clash-dcgm-node-exporter",
+        GPU_PLANNED | {"monitoring_dcgm_exporter_port": 9100},
+        "e.g. monitoring_dcgm_exporter_port: 9101",
+        "monitoring_node_exporter_port=9100",
+        variable="monitoring_dcgm_exporter_port",
+        groups=MONITORED,
+        check_mode=True,
+    ),
     # The host itself.
     Case(
         "gpu-host-without-gpu", NO_GPU, "servekit_accelerator: cpu", variable="servekit_accelerator"
@@ -480,7 +521,7 @@ CASES = [
 
 # Not bad inputs: the valid baseline on a host that also runs Prometheus; its exporters on the
 # host's own address, firewalled, for a Prometheus on another host (PEER); a GPU host (planned
-# in check mode) that runs the DCGM exporter too.
+# in check mode) that runs the DCGM exporter too, so both exporters are compared with every port.
 MONITORED_BASELINE = Case("baseline-monitoring", {}, "", groups=MONITORED)
 VALID = [
     MONITORED_BASELINE,
@@ -499,12 +540,13 @@ VALID = [
 
 
 def _preflight_task_names() -> set[str]:
-    """Every task the preflight play may run: its own, and the roles' preflight tasks."""
+    """Every task the preflight play may run: its own, the preflight role's, and the roles'
+    preflight tasks."""
     names = {"Gathering Facts"}
     for play in yaml.safe_load(PLAYBOOK.read_text()):
         names |= {task["name"] for task in play["tasks"]}
     for tasks in [
-        ANSIBLE / "roles" / "preflight" / "tasks" / "main.yml",
+        *ANSIBLE.glob("roles/preflight/tasks/*.yml"),
         *ANSIBLE.glob("roles/*/tasks/preflight.yml"),
     ]:
         names |= {task["name"] for task in yaml.safe_load(tasks.read_text())}
@@ -512,6 +554,7 @@ def _preflight_task_names() -> set[str]:
 
 
 PREFLIGHT_TASKS = _preflight_task_names()
+PORT_CHECK = "Preflight | Refuse two services that would listen on the same port"
 VALIDATION = "Validating arguments against arg spec '"
 TASK_HEADER = re.compile(r"^TASK \[(?:[\w.]+ : )?(.*)\] \*+\s*$")
 
@@ -632,6 +675,8 @@ def test_valid_baseline_passes_preflight(runs):
     # Every role's preflight entry point validated its argument spec.
     validated = [name for name in run.tasks if name.startswith(VALIDATION)]
     assert len(validated) == 7, validated
+    # The last play compared the ports of the host's services.
+    assert run.tasks[-1] == PORT_CHECK, run.tasks
 
 
 def test_valid_monitoring_settings_pass_preflight(runs):
@@ -645,11 +690,12 @@ def test_valid_monitoring_settings_pass_preflight(runs):
 @pytest.mark.parametrize("case", VALID[1:], ids=[c.id for c in VALID[1:]])
 def test_valid_exporter_settings_pass_preflight(runs, case):
     """Exporters firewalled on the host's address, and a GPU host with both exporters: the
-    settings pass."""
+    settings pass, and every host's ports were compared."""
     run = runs[case.id]
     assert run.rc == 0, run.output
     _check_stayed_in_preflight(run)
     assert "Monitoring | Check the exporter settings" in run.tasks, run.tasks
+    assert run.tasks[-1] == PORT_CHECK, run.tasks
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
