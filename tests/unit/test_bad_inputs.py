@@ -8,7 +8,10 @@ state, `dockerd --version`) and checks inputs, so running it here changes nothin
 also check that every task it ran is a preflight task and that it reports `changed=0`.
 
 A case passes when the run fails in a preflight check, and the message names the variable
-and says what to do about it.
+and says what to do about it. A few cases need a second host in the inventory (a Prometheus
+host apart from the GPU host, or the other way round): this machine again, under another name.
+GPU hosts' cases run in check mode (--check) with a recorded `lspci`, the planning mode in which
+preflight accepts a hardware profile, so they run on a machine without a GPU too.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,7 @@ ANSIBLE = ROOT / "ansible"
 PLAYBOOK = ANSIBLE / "playbooks" / "preflight.yml"
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 HOST = "bad-input-host"
+PEER = "bad-input-peer"  # the second host of the cases that need one
 
 # The sandbox's settings (inventory/sandbox/group_vars/gpu_hosts.yml), made valid on any
 # machine: an image lock beside the inventory with a fixed digest instead of the sandbox's
@@ -83,6 +87,27 @@ NO_GPU = {"servekit_accelerator": "gpu"} | (
 )
 
 
+def this_host_ipv4() -> str:
+    """An IPv4 address of this machine other than loopback: preflight checks that a bind or
+    listen address is one of the host's own (the test host is this machine)."""
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    addresses = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    return next(a for a in addresses if not a.startswith("127."))
+
+
+# A GPU host planned from a recorded lspci (check mode): it runs the DCGM exporter, whose image
+# the lock of these tests does not hold, so it is pinned here.
+GPU_PLANNED = {
+    "servekit_accelerator": "gpu",
+    "servekit_gpu_profile": str(ROOT / "tests" / "fixtures" / "gpu" / "a10_x1.lspci"),
+    "monitoring_dcgm_exporter_image": (
+        "nvcr.io/nvidia/k8s/dcgm-exporter:4.4.1-4.5.2-ubuntu22.04@sha256:" + "ab" * 32
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -92,6 +117,9 @@ class Case:
     variable: str = ""  # the variable the message must name; default: the one overridden
     extra_vars: bool = False  # give the overrides with -e @file.json instead of the inventory
     groups: tuple[str, ...] = ("gpu_hosts",)  # the inventory groups the host is in
+    check_mode: bool = False  # run with --check (a GPU host planned from a recorded lspci)
+    peer: tuple[str, ...] = ()  # the groups of a second host (PEER), if the case needs one
+    peer_overrides: dict = field(default_factory=dict)  # PEER's settings over the baseline
 
     @property
     def names(self) -> str:
@@ -397,6 +425,116 @@ CASES = [
         ":latest",
         groups=MONITORED,
     ),
+    # The exporters' monitoring address: one IPv4 address of the host, firewalled beyond loopback.
+    Case(
+        "exporters-on-every-address",
+        {"monitoring_exporter_listen_address": "0.0.0.0"},
+        "set 127.0.0.1",
+        '"0.0.0.0"',
+        groups=MONITORED,
+    ),
+    Case(
+        "exporters-on-a-host-name",
+        {"monitoring_exporter_listen_address": "gpu-1.lan"},
+        "set 127.0.0.1",
+        '"gpu-1.lan"',
+        groups=MONITORED,
+    ),
+    Case(
+        "exporters-address-not-on-host",
+        {"monitoring_exporter_listen_address": "192.0.2.77"},
+        "not an address of",
+        '"192.0.2.77"',
+        groups=MONITORED,
+    ),
+    Case(
+        "exporters-cidrs-not-a-list",
+        {"monitoring_exporter_allowed_cidrs": "10.0.5.0/24"},
+        "write a YAML list",
+        '"10.0.5.0/24"',
+        groups=MONITORED,
+    ),
+    Case(
+        "exporters-cidr-is-a-name",
+        {"monitoring_exporter_allowed_cidrs": ["prometheus.lan"]},
+        "IPv4 address (192.0.2.10)",
+        '"prometheus.lan" is not an IP address or network',
+        groups=MONITORED,
+    ),
+    # Beyond loopback, a firewall that admits nobody but the host, while Prometheus is elsewhere.
+    Case(
+        "exporters-open-to-no-scraper",
+        {"monitoring_exporter_listen_address": this_host_ipv4()},
+        "list the Prometheus hosts' addresses",
+        variable="monitoring_exporter_allowed_cidrs",
+        peer=("monitoring",),
+    ),
+    # The Prometheus host: exporters of another host left on loopback cannot be scraped.
+    Case(
+        "exporters-of-a-peer-on-loopback",
+        {},
+        "set monitoring_exporter_listen_address to each host's own address",
+        PEER,
+        variable="monitoring_exporter_listen_address",
+        groups=("monitoring",),
+        peer=("gpu_hosts",),
+        peer_overrides={VLLM + "metrics_allowed_cidrs": ["10.0.0.0/8"]},
+    ),
+    Case(
+        "exporters-firewall-without-docker-iptables",
+        GPU_PLANNED
+        | {
+            "monitoring_exporter_listen_address": this_host_ipv4(),
+            "monitoring_exporter_allowed_cidrs": ["10.0.0.0/8"],
+            "docker_engine_daemon_options": {"iptables": False},
+            VLLM + "metrics_public": True,
+        },
+        "remove that option",
+        variable="monitoring_exporter_listen_address",
+        groups=MONITORED,
+        check_mode=True,
+    ),
+    # Two services of one host on one port: both settings are named, with a free port for one.
+    Case(
+        "port-clash-prometheus-vllm",
+        {"monitoring_prometheus_listen_address": "127.0.0.1:8000"},
+        "e.g. monitoring_prometheus_listen_address: 127.0.0.1:8001",
+        "vllm_service_port=8000",
+        groups=MONITORED,
+    ),
+    Case(
+        "port-clash-node-exporter-vllm",
+        {"monitoring_node_exporter_port": 8000},
+        "e.g. monitoring_node_exporter_port: 8001",
+        "vllm_service_port=8000",
+        groups=MONITORED,
+    ),
+    # A gateway on a GPU host: both default to port 8000.
+    Case(
+        "port-clash-gateway-vllm",
+        {"gateway_allow_unauthenticated": True},
+        "e.g. gateway_port: 8001",
+        "vllm_service_port=8000",
+        variable="gateway_port",
+        groups=("gpu_hosts", "gateway"),
+    ),
+    Case(
+        "port-clash-gateway-stats-prometheus",
+        {"gateway_allow_unauthenticated": True, "gateway_port": 8080, "gateway_stats_port": 9090},
+        "e.g. monitoring_prometheus_listen_address: 127.0.0.1:9091",
+        'monitoring_prometheus_listen_address="127.0.0.1:9090"',
+        variable="gateway_stats_port",
+        groups=("gpu_hosts", "gateway", "monitoring"),
+    ),
+    Case(
+        "port-clash-dcgm-node-exporter",
+        GPU_PLANNED | {"monitoring_dcgm_exporter_port": 9100},
+        "e.g. monitoring_dcgm_exporter_port: 9101",
+        "monitoring_node_exporter_port=9100",
+        variable="monitoring_dcgm_exporter_port",
+        groups=MONITORED,
+        check_mode=True,
+    ),
     # The host itself.
     Case(
         "gpu-host-without-gpu", NO_GPU, "servekit_accelerator: cpu", variable="servekit_accelerator"
@@ -406,17 +544,34 @@ CASES = [
 ]
 
 
-# Not a bad input: the valid baseline on a host that also runs Prometheus.
+# Not bad inputs: the valid baseline on a host that also runs Prometheus; its exporters on the
+# host's own address, firewalled, for a Prometheus on another host (PEER); a GPU host (planned
+# in check mode) that runs the DCGM exporter too, so both exporters are compared with every port.
 MONITORED_BASELINE = Case("baseline-monitoring", {}, "", groups=MONITORED)
+VALID = [
+    MONITORED_BASELINE,
+    Case(
+        "baseline-exporters-firewalled",
+        # The scrapers allowed by default: those allowed to read vLLM's /metrics.
+        {
+            "monitoring_exporter_listen_address": this_host_ipv4(),
+            VLLM + "metrics_allowed_cidrs": ["10.0.0.0/8"],
+        },
+        "",
+        peer=("monitoring",),
+    ),
+    Case("baseline-gpu-monitoring", GPU_PLANNED, "", groups=MONITORED, check_mode=True),
+]
 
 
 def _preflight_task_names() -> set[str]:
-    """Every task the preflight play may run: its own, and the roles' preflight tasks."""
+    """Every task the preflight play may run: its own, the preflight role's, and the roles'
+    preflight tasks."""
     names = {"Gathering Facts"}
     for play in yaml.safe_load(PLAYBOOK.read_text()):
         names |= {task["name"] for task in play["tasks"]}
     for tasks in [
-        ANSIBLE / "roles" / "preflight" / "tasks" / "main.yml",
+        *ANSIBLE.glob("roles/preflight/tasks/*.yml"),
         *ANSIBLE.glob("roles/*/tasks/preflight.yml"),
     ]:
         names |= {task["name"] for task in yaml.safe_load(tasks.read_text())}
@@ -424,6 +579,7 @@ def _preflight_task_names() -> set[str]:
 
 
 PREFLIGHT_TASKS = _preflight_task_names()
+PORT_CHECK = "Preflight | Refuse two services that would listen on the same port"
 VALIDATION = "Validating arguments against arg spec '"
 TASK_HEADER = re.compile(r"^TASK \[(?:[\w.]+ : )?(.*)\] \*+\s*$")
 
@@ -446,20 +602,32 @@ def _run(case: Case | None, workdir: Path, facts: Path | None = None) -> Run:
     host["model_ca_bundle"] = str(workdir / "ca.pem")
     (workdir / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
     cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "hosts.yml"), str(PLAYBOOK)]
+    if case is not None and case.check_mode:
+        cmd.append("--check")
     if case is not None:
         if case.extra_vars:
             (workdir / "extra.json").write_text(json.dumps(case.overrides))
             cmd += ["-e", f"@{workdir / 'extra.json'}"]
         else:
             host.update(case.overrides)
-    host |= {
+    local = {
         "ansible_connection": "local",
         "ansible_python_interpreter": sys.executable,
         # The play's `become: true` would need sudo; the checks need no privileges.
         "ansible_become": False,
     }
-    groups = case.groups if case is not None else ("gpu_hosts",)
-    inventory = {"all": {"children": {group: {"hosts": {HOST: host}} for group in groups}}}
+    host |= local
+    members = {HOST: (host, case.groups if case is not None else ("gpu_hosts",))}
+    if case is not None and case.peer:
+        peer = dict(BASELINE, model_ca_bundle=host["model_ca_bundle"]) | case.peer_overrides
+        members[PEER] = (peer | local, case.peer)
+        if facts is not None and (workdir / "facts" / HOST).is_file():
+            shutil.copy(workdir / "facts" / HOST, workdir / "facts" / PEER)
+    children: dict = {}
+    for name, (variables, groups) in members.items():
+        for group in groups:
+            children.setdefault(group, {"hosts": {}})["hosts"][name] = variables
+    inventory = {"all": {"children": children}}
     (workdir / "hosts.yml").write_text(json.dumps(inventory, indent=2))
     (workdir / "images.lock.yml").write_text(yaml.safe_dump(LOCK))
     env = {
@@ -495,7 +663,7 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     baseline_dir = tmp_path_factory.mktemp("baseline")
     results = {"baseline": _run(None, baseline_dir)}
     facts = baseline_dir / "facts" if (baseline_dir / "facts").is_dir() else None
-    cases = [*CASES, MONITORED_BASELINE]
+    cases = [*CASES, *VALID]
     workdirs = [tmp_path_factory.mktemp(case.id) for case in cases]
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         runs = pool.map(_run, cases, workdirs, [facts] * len(cases))
@@ -516,7 +684,11 @@ def _check_stayed_in_preflight(run: Run) -> None:
 
 def test_cases_are_distinct():
     assert len({c.id for c in CASES}) == len(CASES)
-    assert len({json.dumps([c.overrides, c.groups], sort_keys=True) for c in CASES}) == len(CASES)
+    keys = {
+        json.dumps([c.overrides, c.groups, c.check_mode, c.peer, c.peer_overrides], sort_keys=True)
+        for c in CASES
+    }
+    assert len(keys) == len(CASES)
     assert len(CASES) >= 15
 
 
@@ -528,6 +700,8 @@ def test_valid_baseline_passes_preflight(runs):
     # Every role's preflight entry point validated its argument spec.
     validated = [name for name in run.tasks if name.startswith(VALIDATION)]
     assert len(validated) == 7, validated
+    # The last play compared the ports of the host's services.
+    assert run.tasks[-1] == PORT_CHECK, run.tasks
 
 
 def test_valid_monitoring_settings_pass_preflight(runs):
@@ -536,6 +710,17 @@ def test_valid_monitoring_settings_pass_preflight(runs):
     assert run.rc == 0, run.output
     _check_stayed_in_preflight(run)
     assert "Monitoring | Check the Prometheus settings" in run.tasks, run.tasks
+
+
+@pytest.mark.parametrize("case", VALID[1:], ids=[c.id for c in VALID[1:]])
+def test_valid_exporter_settings_pass_preflight(runs, case):
+    """Exporters firewalled on the host's address, and a GPU host with both exporters: the
+    settings pass, and every host's ports were compared."""
+    run = runs[case.id]
+    assert run.rc == 0, run.output
+    _check_stayed_in_preflight(run)
+    assert "Monitoring | Check the exporter settings" in run.tasks, run.tasks
+    assert run.tasks[-1] == PORT_CHECK, run.tasks
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -7,6 +7,11 @@ the way Docker prepares a host: a DOCKER-USER chain that FORWARD jumps to first.
 are read back with `iptables -S`; then real connections go through a Docker-like DNAT
 (client namespace -> host namespace -> container namespace) from an allowed and a
 disallowed source address. The allow-list filter and the unit are checked without root.
+
+The monitoring role's `exporters-firewall` (exporters on a monitoring address beyond loopback)
+is run the same way: node_exporter, a host process, is filtered in INPUT, the DCGM exporter's
+Docker-published port in DOCKER-USER, and real connections to both come from an allowed and a
+disallowed address, and from the host itself.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ ROLE = ROOT / "ansible" / "roles" / "vllm_service"
 sys.path.insert(0, str(ROOT / "ansible" / "plugins" / "filter"))
 
 import servekit_net  # noqa: E402
-from test_bad_inputs import Case, _check_stayed_in_preflight, _run  # noqa: E402
+from test_bad_inputs import Case, _check_stayed_in_preflight, _run, this_host_ipv4  # noqa: E402
 
 LOADER = DataLoader()
 # The role's templates use the file lookup (the image lock, the engine facts) and the kit's
@@ -43,10 +48,10 @@ CHAIN = "SERVEKIT-VLLM"
 DOCKER_USER = ["-N DOCKER-USER", "-A FORWARD -j DOCKER-USER", "-A DOCKER-USER -j RETURN"]
 
 
-def render(template: str, **variables) -> str:
+def render(template: str, role: Path = ROLE, **variables) -> str:
     """A template of the role, rendered the way the template module renders it."""
     values: dict = {}
-    for path in (ROLE / "defaults" / "main.yml", ROLE / "vars" / "main.yml"):
+    for path in (role / "defaults" / "main.yml", role / "vars" / "main.yml"):
         values.update(LOADER.load_from_file(str(path), trusted_as_template=True) or {})
     values.update(
         ansible_facts={"os_family": "Debian"},
@@ -55,7 +60,7 @@ def render(template: str, **variables) -> str:
     )
     values.update(variables)
     templar = Templar(loader=LOADER, variables=values)
-    source = (ROLE / "templates" / template).read_text()
+    source = (role / "templates" / template).read_text()
     overrides = {"trim_blocks": True, "lstrip_blocks": False, "newline_sequence": "\n"}
     return templar.template(
         trust_as_template(source), escape_backslashes=False, overrides=overrides
@@ -120,16 +125,6 @@ def test_argument_spec_lists_the_allow_list_like_the_defaults():
     validator = ArgumentSpecValidator({"vllm_service_firewall_allowed_cidrs": option})
     bad = validator.validate({"vllm_service_firewall_allowed_cidrs": {"10.0.0.0/8": True}})
     assert bad.error_messages
-
-
-def this_host_ipv4() -> str:
-    """An IPv4 address of this machine other than loopback: preflight checks that the bind
-    address is one of the host's own (the test host is this machine)."""
-    out = subprocess.run(
-        ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True
-    ).stdout
-    addresses = [line.split()[3].split("/")[0] for line in out.splitlines()]
-    return next(a for a in addresses if not a.startswith("127."))
 
 
 @pytest.mark.parametrize(
@@ -476,3 +471,207 @@ def test_only_allowed_sources_reach_the_published_port(published, tmp_path):
 
     host.run(str(script), "remove")
     assert _connect(client, DISALLOWED, HOST_ADDRESS, PUBLISHED) == "answered"
+
+
+# --- the exporters' firewall (monitoring_exporter_listen_address beyond loopback) --------------
+
+MONITORING = ROOT / "ansible" / "roles" / "monitoring"
+INPUT_CHAIN, FORWARD_CHAIN = "SERVEKIT-EXPORTERS", "SERVEKIT-DCGM"
+NODE_PORT = 19100  # node_exporter, a process of the host namespace
+
+
+def write_exporters_script(path: Path, dcgm: bool, **variables) -> Path:
+    """The monitoring role's `exporters-firewall` for a host whose exporters listen on
+    HOST_ADDRESS (``dcgm``: a GPU host, which also runs the DCGM exporter)."""
+    variables = {
+        "monitoring_exporter_listen_address": HOST_ADDRESS,
+        "monitoring_exporter_allowed_cidrs": [ALLOWED],
+        "monitoring_node_exporter_port": NODE_PORT,
+        "monitoring_dcgm_exporter_port": PUBLISHED,
+        "_monitoring_firewall_dcgm": dcgm,
+        **variables,
+    }
+    path.write_text(render("exporters-firewall.j2", role=MONITORING, **variables))
+    path.chmod(0o755)
+    return path
+
+
+def node_match(port: int = NODE_PORT, dest: str = HOST_ADDRESS) -> str:
+    """The INPUT match of node_exporter's rules as `iptables -S` prints it."""
+    return f"-d {dest}/32 -p tcp -m tcp --dport {port}"
+
+
+def test_exporters_unit_applies_before_the_exporters_and_after_docker_on_gpu_hosts():
+    gpu = set(
+        render(
+            "exporters-firewall.service.j2",
+            role=MONITORING,
+            monitoring_exporter_listen_address=HOST_ADDRESS,
+            _monitoring_firewall_dcgm=True,
+        ).splitlines()
+    )
+    script = "/usr/local/libexec/servekit/exporters-firewall"
+    assert {
+        "After=docker.service",
+        "PartOf=docker.service",
+        "Before=prometheus-node-exporter.service dcgm-exporter.service",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        f"ExecStart={script} apply",
+        f"ExecReload={script} apply",
+        "WantedBy=multi-user.target prometheus-node-exporter.service docker.service"
+        " dcgm-exporter.service",
+    } <= gpu, gpu
+    # A host without the DCGM exporter (the Prometheus host, a CPU host) may have no Docker.
+    other = render(
+        "exporters-firewall.service.j2",
+        role=MONITORING,
+        monitoring_exporter_listen_address=HOST_ADDRESS,
+        _monitoring_firewall_dcgm=False,
+    )
+    assert not [line for line in other.splitlines() if "docker" in line or "dcgm" in line], other
+    assert "Before=prometheus-node-exporter.service" in other.splitlines()
+    assert "WantedBy=multi-user.target prometheus-node-exporter.service" in other.splitlines()
+
+
+def by_chain(rules: list[str]) -> dict[str, list[str]]:
+    """`iptables -S` lines grouped by chain, in order (the backends list chains differently)."""
+    chains: dict[str, list[str]] = {}
+    for rule in rules:
+        chains.setdefault(rule.split()[1], []).append(rule)
+    return chains
+
+
+@needs_netns
+def test_exporters_apply_installs_both_chains_and_is_idempotent(docker_host, tmp_path):
+    script = write_exporters_script(
+        tmp_path / "exporters-firewall",
+        dcgm=True,
+        monitoring_exporter_allowed_cidrs=["10.1.0.2", "192.168.0.0/16"],
+    )
+    dcgm = match(PUBLISHED, HOST_ADDRESS)
+    expected = {
+        "INPUT": [f"-A INPUT -j {INPUT_CHAIN}"],
+        "FORWARD": ["-A FORWARD -j DOCKER-USER"],
+        "DOCKER-USER": [
+            "-N DOCKER-USER",
+            f"-A DOCKER-USER -j {FORWARD_CHAIN}",
+            "-A DOCKER-USER -j RETURN",
+        ],
+        # The host itself first, then the allowed sources; the rest of the port is reset.
+        INPUT_CHAIN: [
+            f"-N {INPUT_CHAIN}",
+            f"-A {INPUT_CHAIN} -i lo -j RETURN",
+            f"-A {INPUT_CHAIN} -s 10.1.0.2/32 {node_match()} -j RETURN",
+            f"-A {INPUT_CHAIN} -s 192.168.0.0/16 {node_match()} -j RETURN",
+            f"-A {INPUT_CHAIN} {node_match()} -j REJECT --reject-with tcp-reset",
+        ],
+        FORWARD_CHAIN: [
+            f"-N {FORWARD_CHAIN}",
+            f"-A {FORWARD_CHAIN} -s 10.1.0.2/32 {dcgm} -j RETURN",
+            f"-A {FORWARD_CHAIN} -s 192.168.0.0/16 {dcgm} -j RETURN",
+            f"-A {FORWARD_CHAIN} {dcgm} -j REJECT --reject-with tcp-reset",
+        ],
+    }
+    first = docker_host.run(str(script), "apply")
+    assert (
+        f"exporters on {HOST_ADDRESS} (node_exporter port {NODE_PORT}, DCGM exporter port"
+        f" {PUBLISHED}): connections from other machines allowed from 10.1.0.2, 192.168.0.0/16 only"
+    ) in first.stdout, first.stdout
+    assert by_chain(docker_host.rules()) == expected
+    # Every run of the unit (boot, Docker restart, reload) applies again: one jump, same rules.
+    docker_host.run(str(script), "apply")
+    docker_host.run(str(script), "apply")
+    assert by_chain(docker_host.rules()) == expected
+
+
+@needs_netns
+def test_exporters_firewall_needs_no_docker_without_the_dcgm_exporter(
+    namespaces, backend_path, tmp_path
+):
+    """The Prometheus host runs node_exporter but no Docker: INPUT alone, no DOCKER-USER."""
+    bare = Netns(backend_path)
+    namespaces.append(bare)
+    script = write_exporters_script(tmp_path / "exporters-firewall", dcgm=False)
+    bare.run(str(script), "apply")
+    assert by_chain(bare.rules()) == {
+        "INPUT": [f"-A INPUT -j {INPUT_CHAIN}"],
+        INPUT_CHAIN: [
+            f"-N {INPUT_CHAIN}",
+            f"-A {INPUT_CHAIN} -i lo -j RETURN",
+            f"-A {INPUT_CHAIN} -s {ALLOWED}/32 {node_match()} -j RETURN",
+            f"-A {INPUT_CHAIN} {node_match()} -j REJECT --reject-with tcp-reset",
+        ],
+    }
+    removed = bare.run(str(script), "remove")
+    assert removed.stdout.startswith("removed the exporters' firewall rules"), removed.stdout
+    assert bare.rules() == []
+    again = bare.run(str(script), "remove")
+    assert again.stdout.strip() == "no exporters' firewall rules to remove"
+
+
+@needs_netns
+def test_exporters_apply_fails_loudly_on_a_gpu_host_without_dockers_chain(
+    namespaces, backend_path, tmp_path
+):
+    bare = Netns(backend_path)
+    namespaces.append(bare)
+    script = write_exporters_script(tmp_path / "exporters-firewall", dcgm=True)
+    result = bare.run(str(script), "apply", check=False)
+    assert result.returncode == 1
+    assert "no DOCKER-USER chain" in result.stderr and "DCGM exporter" in result.stderr
+    assert bare.rules() == []
+
+
+@needs_netns
+def test_exporters_firewall_drops_the_dcgm_rules_when_the_host_stops_running_it(
+    docker_host, tmp_path
+):
+    script = tmp_path / "exporters-firewall"
+    docker_host.run(str(write_exporters_script(script, dcgm=True)), "apply")
+    docker_host.run(str(write_exporters_script(script, dcgm=False)), "apply")
+    rules = docker_host.rules()
+    assert not [r for r in rules if FORWARD_CHAIN in r], rules
+    assert f"-A INPUT -j {INPUT_CHAIN}" in rules
+    # Removing leaves what Docker made, as before the first apply.
+    docker_host.run(str(script), "remove")
+    assert docker_host.rules() == DOCKER_USER
+
+
+@needs_netns
+def test_only_the_host_and_allowed_scrapers_reach_the_exporters(published, tmp_path):
+    """Real connections: node_exporter as a host process on HOST_ADDRESS:NODE_PORT, the DCGM
+    exporter behind a Docker-like publish of HOST_ADDRESS:PUBLISHED, and another service of
+    the host (SSH, say) on HOST_ADDRESS:OTHER_PORT that the rules must leave alone."""
+    host, client = published["host"], published["client"]
+    other_port = 19999
+    servers = [
+        host.start(sys.executable, "-m", "http.server", str(port), "--bind", HOST_ADDRESS)
+        for port in (NODE_PORT, other_port)
+    ]
+    try:
+        _wait_listening(host, HOST_ADDRESS, NODE_PORT, servers[0])
+        _wait_listening(host, HOST_ADDRESS, other_port, servers[1])
+        # Without rules, both client addresses reach both exporters.
+        for port in (NODE_PORT, PUBLISHED):
+            assert _connect(client, DISALLOWED, HOST_ADDRESS, port) == "answered"
+
+        script = write_exporters_script(tmp_path / "exporters-firewall", dcgm=True)
+        host.run(str(script), "apply")
+        for port in (NODE_PORT, PUBLISHED):
+            assert _connect(client, ALLOWED, HOST_ADDRESS, port) == "answered", port
+            # Reset at once, like a closed port, rather than left to time out.
+            assert _connect(client, DISALLOWED, HOST_ADDRESS, port) == "refused", port
+            # The host itself (Prometheus on the host, the role's readiness waits).
+            assert _connect(host, HOST_ADDRESS, HOST_ADDRESS, port) == "answered", port
+        # Only the exporters' ports are filtered.
+        assert _connect(client, DISALLOWED, HOST_ADDRESS, other_port) == "answered"
+        assert _connect(client, DISALLOWED, CONTAINER, CONTAINER_PORT) == "answered"
+
+        host.run(str(script), "remove")
+        for port in (NODE_PORT, PUBLISHED):
+            assert _connect(client, DISALLOWED, HOST_ADDRESS, port) == "answered", port
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()

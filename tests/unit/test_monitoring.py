@@ -7,7 +7,9 @@
   recorded /metrics of a real vLLM 0.32 server (tests/unit/fixtures/vllm/qwen3/metrics.txt).
 - The DCGM expressions run against the recorded dcgm-exporter output
   (tests/unit/fixtures/dcgm/metrics.txt) and read only fields the exporter is told to collect.
-- prometheus.yml is generated from the inventory (`promtool check config` as the role runs it).
+- prometheus.yml is generated from the inventory (`promtool check config` as the role runs it),
+  with the exporters scraped on their monitoring address; node_exporter and the DCGM exporter
+  listen on that address only (`monitoring_exporter_listen_address`).
 - `servekit.monitoring` finds and classifies every expression, for the live test.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_firewall import render
 
 from servekit import monitoring
 
@@ -436,16 +440,21 @@ def test_scrape_targets_come_from_the_inventory(tmp_path):
                         "gpu-1": {
                             "ansible_host": "10.0.0.11",
                             "vllm_service_bind_address": "0.0.0.0",
+                            "monitoring_exporter_listen_address": "10.0.0.11",
                         },
+                        # vLLM on one network, the exporters on another.
                         "gpu-2": {
                             "ansible_host": "10.0.0.12",
                             "vllm_service_bind_address": "10.0.1.12",
                             "vllm_service_port": 8001,
+                            "monitoring_exporter_listen_address": "10.0.2.12",
                         },
+                        # Reached through another address than the one it listens on (NAT).
                         "cpu-1": {
                             "ansible_host": "10.0.0.13",
                             "servekit_accelerator": "cpu",
                             "monitoring_target_address": "192.168.5.13",
+                            "monitoring_exporter_listen_address": "10.0.0.13",
                         },
                     }
                 },
@@ -459,14 +468,16 @@ def test_scrape_targets_come_from_the_inventory(tmp_path):
         "gpu-2": "10.0.1.12:8001",
         "cpu-1": "192.168.5.13:8000",
     }
+    # The exporters on their monitoring address; the Prometheus host's own on loopback (the
+    # default), which only it reaches.
     assert jobs["node"] == {
         "gpu-1": "10.0.0.11:9100",
-        "gpu-2": "10.0.1.12:9100",
+        "gpu-2": "10.0.2.12:9100",
         "cpu-1": "192.168.5.13:9100",
-        "mon-1": "10.0.0.20:9100",
+        "mon-1": "127.0.0.1:9100",
     }
     # No DCGM exporter on a CPU host.
-    assert jobs["dcgm"] == {"gpu-1": "10.0.0.11:9400", "gpu-2": "10.0.1.12:9400"}
+    assert jobs["dcgm"] == {"gpu-1": "10.0.0.11:9400", "gpu-2": "10.0.2.12:9400"}
     assert jobs["prometheus"] == {"mon-1": "127.0.0.1:9090"}
 
 
@@ -485,9 +496,70 @@ def test_prometheus_on_a_loopback_vllm_host_scrapes_it_on_loopback(tmp_path):
     config = _render_config(tmp_path, inventory, "box")
     jobs = _targets(config)
     assert jobs["vllm"] == {"box": "127.0.0.1:8000"}
-    assert jobs["node"] == {"box": "10.0.0.30:9100"}
+    # The exporters stay on loopback (monitoring_exporter_listen_address's default).
+    assert jobs["node"] == {"box": "127.0.0.1:9100"}
     assert "dcgm" not in jobs
     assert config["global"]["scrape_interval"] == "15s"
+
+
+# --- the exporters listen on the monitoring address ----------------------------------------------
+
+PINNED_DCGM = "nvcr.io/nvidia/k8s/dcgm-exporter:4.4.1-4.5.2-ubuntu22.04@sha256:" + "ab" * 32
+
+
+def _node_exporter_args(**variables) -> list[str]:
+    text = render("prometheus-node-exporter.default.j2", role=ROLE, **variables)
+    [line] = [line for line in text.splitlines() if line.startswith("ARGS=")]
+    # systemd reads the quoted value, and the unit's $ARGS splits it at white space.
+    [value] = shlex.split(line.removeprefix("ARGS="))
+    return value.split()
+
+
+def test_exporters_listen_on_loopback_by_default():
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    assert defaults["monitoring_exporter_listen_address"] == "127.0.0.1"
+    vars_text = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    # Prometheus and preflight read other hosts' addresses with this stand-in for the default.
+    assert vars_text["_monitoring_exporter_default_address"] == "127.0.0.1"
+    listen = [a for a in _node_exporter_args() if a.startswith("--web.listen-address")]
+    assert listen == ["--web.listen-address=127.0.0.1:9100"]
+    unit = render("dcgm-exporter.service.j2", role=ROLE, monitoring_dcgm_exporter_image=PINNED_DCGM)
+    assert re.findall(r"--publish \S+", unit) == ["--publish 127.0.0.1:9400:9400"], unit
+
+
+@pytest.mark.parametrize(("address", "port"), [("10.0.0.11", 9100), ("192.0.2.7", 19100)])
+def test_node_exporter_listens_on_the_monitoring_address_only(address, port):
+    args = _node_exporter_args(
+        monitoring_exporter_listen_address=address, monitoring_node_exporter_port=port
+    )
+    assert [a for a in args if a.startswith("--web.listen-address")] == [
+        f"--web.listen-address={address}:{port}"
+    ]
+
+
+@pytest.mark.parametrize(("address", "port"), [("10.0.0.11", 9400), ("192.0.2.7", 19400)])
+def test_dcgm_exporter_is_published_on_the_monitoring_address_only(address, port):
+    unit = render(
+        "dcgm-exporter.service.j2",
+        role=ROLE,
+        monitoring_exporter_listen_address=address,
+        monitoring_dcgm_exporter_port=port,
+        monitoring_dcgm_exporter_image=PINNED_DCGM,
+    )
+    assert re.findall(r"--publish \S+", unit) == [f"--publish {address}:{port}:9400"], unit
+
+
+def test_readiness_waits_probe_the_monitoring_address():
+    handlers = yaml.safe_load((ROLE / "handlers" / "main.yml").read_text())
+    urls = {
+        h["name"]: h["ansible.builtin.uri"]["url"] for h in handlers if "ansible.builtin.uri" in h
+    }
+    for name in ("Wait until node exporter answers", "Wait until dcgm exporter answers"):
+        assert urls[name].startswith("http://{{ _monitoring_exporter_address }}:"), urls[name]
+    # The firewall is reloaded before the exporters restart on a new address (handler order).
+    names = [h["name"] for h in handlers]
+    assert names.index("Reload exporters firewall") < names.index("Restart node exporter")
+    assert names.index("Reload exporters firewall") < names.index("Restart dcgm exporter")
 
 
 # --- servekit.monitoring -------------------------------------------------------------------------
@@ -562,6 +634,7 @@ def test_parse_exposition():
 GOOD = {
     "vllm_service_bind_address": "0.0.0.0",
     "vllm_service_metrics_allowed_cidrs": ["10.0.0.20/32"],
+    "monitoring_exporter_listen_address": "10.0.0.12",
 }
 
 
@@ -569,18 +642,41 @@ GOOD = {
     ("gpu_2", "refused"),
     [
         (GOOD, None),
-        ({"vllm_service_bind_address": "0.0.0.0", "vllm_service_metrics_public": True}, None),
+        ({**GOOD, "vllm_service_metrics_public": True}, None),
         ({"monitoring_target_address": "10.9.9.9", **GOOD}, None),
-        ({}, "gpu-2 publish vLLM on loopback only (vllm_service_bind_address"),
         (
-            {"vllm_service_bind_address": "0.0.0.0"},
+            {"monitoring_exporter_listen_address": "10.0.0.12"},
+            "gpu-2 publish vLLM on loopback only (vllm_service_bind_address",
+        ),
+        (
+            {
+                "vllm_service_bind_address": "0.0.0.0",
+                "monitoring_exporter_listen_address": "10.0.0.12",
+            },
             "gpu-2 answer /metrics only to themselves (vllm_service_metrics_public is false and"
             " vllm_service_metrics_allowed_cidrs is empty), so Prometheus on mon-1 would get 403:"
             " add mon-1's address, as those hosts see it, to vllm_service_metrics_allowed_cidrs,"
             ' e.g. vllm_service_metrics_allowed_cidrs: ["10.0.0.20/32"]',
         ),
+        (
+            {
+                key: value
+                for key, value in GOOD.items()
+                if key != "monitoring_exporter_listen_address"
+            },
+            "gpu-2 keep node_exporter and the DCGM exporter on loopback"
+            " (monitoring_exporter_listen_address, default 127.0.0.1), so Prometheus on mon-1"
+            " cannot scrape them",
+        ),
     ],
-    ids=["reachable", "metrics-public", "target-address", "loopback-only", "metrics-private"],
+    ids=[
+        "reachable",
+        "metrics-public",
+        "target-address",
+        "loopback-only",
+        "metrics-private",
+        "exporters-on-loopback",
+    ],
 )
 def test_preflight_refuses_servers_prometheus_cannot_read(tmp_path, gpu_2, refused):
     inventory = {
