@@ -183,6 +183,7 @@ CASES = [
         "mirror.lan",
     ),
     Case("ca-bundle-missing", {"model_ca_bundle": "/nonexistent/ca.pem"}, "leave it empty"),
+    Case("sdk-lock-missing", {"model_sdk_lock": "/nonexistent/sdk.lock.txt"}, "--hash=sha256:"),
     # Repository keys are named by their full fingerprint; a key ID can be forged.
     Case(
         "docker-key-short-id",
