@@ -31,8 +31,8 @@ FLOOR_METHODS = {
     "preflight": "the same reads over one new SSH connection (os-release, df, PCI vendors)",
     "docker_engine": "apt-get update + apt-get install of the same Docker package version",
     "image": "curl each layer from the same registry, unpack with tar (3 at a time)",
-    "model": "apt-get install of the role's packages + venv/pip install of the pinned SDK "
-    "(no cache) + curl of the model's files from the same mirror (4 at a time)",
+    "model": "apt-get install of the role's packages + venv/pip install of the SDK from its "
+    "hashed lock (no cache) + curl of the model's files from the same mirror (4 at a time)",
     "service_start": "the unit's own `docker run` by hand (same image, flags, model), "
     "its compile cache emptied (as on a fresh host), to the first /health 200",
 }
@@ -43,6 +43,14 @@ def _host_dicts(state: Any) -> list[dict[str, Any]]:
 
 
 # --- fresh converge --------------------------------------------------------------------------
+
+
+def sdk_lock(setting: str) -> str:
+    """The text of the model role's SDK lock: a name in the role's files/, or a path."""
+    path = Path(setting)
+    return (
+        path if path.is_absolute() else ba.ROOT / "ansible/roles/model/files" / path
+    ).read_text()
 
 
 def floor_inputs(state: Any) -> dict[str, Any]:
@@ -69,8 +77,9 @@ def floor_inputs(state: Any) -> dict[str, Any]:
         "script": {
             "docker_packages": [f"docker.io={version}"],
             "model_packages": ba.role_setting("model", "_model_packages", "vars/Debian.yml"),
-            "sdk_packages": gv.get("model_sdk_packages")
-            or ba.role_setting("model", "model_sdk_packages"),
+            "sdk_lock": sdk_lock(
+                gv.get("model_sdk_lock") or ba.role_setting("model", "model_sdk_lock")
+            ),
             "model_urls": bh.model_file_urls(endpoint, model_id, files, revision),
             "layer_urls": layer_urls,
             "ca_bundle": "/floor-ca.pem" if mounts else None,

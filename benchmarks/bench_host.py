@@ -252,7 +252,7 @@ def floor_script(
     *,
     docker_packages: Sequence[str],
     model_packages: Sequence[str],
-    sdk_packages: Sequence[str],
+    sdk_lock: str,
     model_urls: Sequence[str],
     layer_urls: Sequence[tuple[str, str]],
     ca_bundle: str | None = None,
@@ -262,9 +262,11 @@ def floor_script(
     """A bash script that does a fresh host's converge work by hand, step by step, and prints
     ``FLOOR <step> <seconds>`` after each: ``docker_engine`` (apt-get update and the Docker
     packages), ``model_packages`` (the model role's OS packages), ``model_sdk`` (a venv and the
-    pinned SDK from the package index, no pip cache), ``model_files`` (the model's files with
-    curl, ``model_workers`` at a time) and ``image`` (every layer fetched and unpacked,
-    ``PULL_CONCURRENCY`` at a time). ``layer_urls`` are (blob URL, decompress command) pairs."""
+    SDK from the package index, installed from ``sdk_lock``, the role's hashed lock, as the
+    role does: ``--require-hashes --only-binary=:all:``, no pip cache), ``model_files`` (the
+    model's files with curl, ``model_workers`` at a time) and ``image`` (every layer fetched and
+    unpacked, ``PULL_CONCURRENCY`` at a time). ``layer_urls`` are (blob URL, decompress command)
+    pairs."""
     q = shlex.quote
     pip_env = []
     if ca_bundle:
@@ -285,8 +287,9 @@ def floor_script(
         "mark model_packages $t",
         "t=$(now)",
         'python3 -m venv "$FLOOR/venv"',
-        f'{env} "$FLOOR/venv/bin/pip" install -q --no-cache-dir '
-        f"{' '.join(q(p) for p in sdk_packages)}".strip(),
+        f'printf %s {q(sdk_lock)} > "$FLOOR/sdk.lock.txt"',
+        f'{env} "$FLOOR/venv/bin/pip" install -q --no-cache-dir --require-hashes '
+        '--only-binary=:all: -r "$FLOOR/sdk.lock.txt"'.strip(),
         "mark model_sdk $t",
         "t=$(now)",
         f"printf '%s\\n' {' '.join(q(u) for u in model_urls)}"

@@ -211,6 +211,25 @@ CASES = [
         "mirror.lan",
     ),
     Case("ca-bundle-missing", {"model_ca_bundle": "/nonexistent/ca.pem"}, "leave it empty"),
+    Case("sdk-lock-missing", {"model_sdk_lock": "/nonexistent/sdk.lock.txt"}, "--hash=sha256:"),
+    # Repository keys are named by their full fingerprint; a key ID can be forged.
+    Case(
+        "docker-key-short-id",
+        {"docker_engine_repo_key_fingerprint": "0EBFCD88"},
+        "all 40 hex digits",
+        '"0EBFCD88"',
+    ),
+    Case(
+        "cuda-key-not-hex",
+        {"nvidia_driver_repo_key_fingerprint": "see NVIDIA's blog"},
+        "all 40 hex digits",
+    ),
+    Case(
+        "toolkit-key-long-id",
+        {"nvidia_container_toolkit_repo_key_fingerprint": "DDCAE044F796ECB0"},
+        "all 40 hex digits",
+        '"DDCAE044F796ECB0"',
+    ),
     # The API firewall's allow-list: IPv4 networks in a real list, on an IPv4 publish.
     Case(
         "firewall-prefix-33",

@@ -623,7 +623,7 @@ def floor_script() -> str:
     return bh.floor_script(
         docker_packages=["docker.io=20.10.24+dfsg1-1+deb12u1+b6"],
         model_packages=["python3-venv", "python3-packaging"],
-        sdk_packages=["modelscope==1.40.2", "modelscope-hub==0.5.1"],
+        sdk_lock="modelscope==1.40.2 \\\n    --hash=sha256:ab\n",
         model_urls=[
             "http://servekit-control:8090/api/v1/models/Q/M/repo?Revision=master&FilePath=x"
         ],
@@ -636,7 +636,12 @@ def test_floor_script_does_the_converge_work_by_hand():
     script = floor_script()
     assert "apt-get -q install -y docker.io=20.10.24+dfsg1-1+deb12u1+b6" in script
     assert "apt-get -q install -y python3-venv python3-packaging" in script
-    assert 'pip" install -q --no-cache-dir modelscope==1.40.2 modelscope-hub==0.5.1' in script
+    assert (
+        "printf %s 'modelscope==1.40.2 \\\n    --hash=sha256:ab\n' > \"$FLOOR/sdk.lock.txt\""
+        in script
+    )
+    pip = "install -q --no-cache-dir --require-hashes --only-binary=:all: -r"
+    assert f'pip" {pip} "$FLOOR/sdk.lock.txt"' in script
     assert "PIP_CERT=/floor-ca.pem" in script
     assert f"| parallel {bh.PULL_CONCURRENCY} unpack_layer" in script
     marks = [ln.split()[1] for ln in script.splitlines() if ln.startswith("mark ")]
@@ -881,7 +886,7 @@ def test_fresh_converge_figures(fake_sandbox, monkeypatch):
             "script": {
                 "docker_packages": ["docker.io=1"],
                 "model_packages": [],
-                "sdk_packages": [],
+                "sdk_lock": "",
                 "model_urls": [],
                 "layer_urls": [],
             },
@@ -940,7 +945,7 @@ def test_fresh_converge_keeps_its_figures_when_a_floor_fails(fake_sandbox, monke
             "script": {
                 "docker_packages": [],
                 "model_packages": [],
-                "sdk_packages": [],
+                "sdk_lock": "",
                 "model_urls": [],
                 "layer_urls": [],
             },

@@ -323,7 +323,9 @@ def test_yum_repository_with_and_without_epel():
     assert "[servekit-nvidia-cuda]" in text
     assert "baseurl=" + CUDA_REPOS + "/rhel9/x86_64/\n" in text
     assert "gpgcheck=1" in text
-    assert "gpgkey=" + CUDA_REPOS + "/rhel9/x86_64/D42D0685.pub\n" in text
+    # dnf imports the keys from the copies the signing_key role checked, never from the network.
+    assert "gpgkey=file:///etc/pki/rpm-gpg/servekit-nvidia-cuda.asc\n" in text
+    assert "gpgkey=file:///etc/pki/rpm-gpg/servekit-epel.asc\n" in text
     assert "[servekit-epel]" in text and "includepkgs=dkms" in text
     site = driver("rocky9", "l40s_x4.lspci", nvidia_driver_epel_repo_url="")
     assert "[servekit-epel]" not in site.render("nvidia-cuda.repo.j2")
@@ -379,7 +381,9 @@ def test_toolkit_on_el_arm():
     assert role["_nvidia_container_toolkit_package_specs"][0] == "nvidia-container-toolkit-1.19.1"
     text = role.render("nvidia-container-toolkit.repo.j2")
     assert "baseurl=https://nvidia.github.io/libnvidia-container/stable/rpm/aarch64\n" in text
-    assert "repo_gpgcheck=1" in text
+    # NVIDIA signs the RPMs too: both the packages and the metadata are checked, with the local key.
+    assert "\ngpgcheck=1\n" in text and "\nrepo_gpgcheck=1\n" in text
+    assert "gpgkey=file:///etc/pki/rpm-gpg/servekit-nvidia-container-toolkit.asc\n" in text
 
 
 def test_cdi_spec_location_follows_the_toolkit_version():

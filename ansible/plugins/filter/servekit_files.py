@@ -34,14 +34,15 @@ def dir_current(
     found: dict, path: str, mode: str, owner: str = "root", group: str = "root"
 ) -> bool:
     """True when ``found`` has ``path`` as a directory with ``mode``, ``owner`` and ``group``."""
-    entry = _entry(found, path)
-    return (
-        entry is not None
-        and entry.get("isdir", False)
-        and _octal(entry.get("mode")) == _octal(mode)
-        and entry.get("pw_name") == owner
-        and entry.get("gr_name") == group
-    )
+    return _attrs_current(_entry(found, path), "isdir", mode, owner, group)
+
+
+def file_attrs_current(
+    found: dict, path: str, mode: str, owner: str = "root", group: str = "root"
+) -> bool:
+    """True when ``found`` has ``path`` as a regular file with ``mode``, ``owner`` and
+    ``group``, whatever its content (for files whose content is checked another way)."""
+    return _attrs_current(_entry(found, path), "isreg", mode, owner, group)
 
 
 def present(found: dict, path: str) -> bool:
@@ -51,6 +52,16 @@ def present(found: dict, path: str) -> bool:
 
 def _entry(found: dict | None, path: str) -> dict | None:
     return next((f for f in (found or {}).get("files", []) if f.get("path") == path), None)
+
+
+def _attrs_current(entry: dict | None, kind: str, mode: str, owner: str, group: str) -> bool:
+    return (
+        entry is not None
+        and entry.get(kind, False)
+        and _octal(entry.get("mode")) == _octal(mode)
+        and entry.get("pw_name") == owner
+        and entry.get("gr_name") == group
+    )
 
 
 def _octal(mode: object) -> int | None:
@@ -65,5 +76,6 @@ class FilterModule:
         return {
             "servekit_file_current": file_current,
             "servekit_dir_current": dir_current,
+            "servekit_file_attrs_current": file_attrs_current,
             "servekit_path_present": present,
         }

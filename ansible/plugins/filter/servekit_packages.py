@@ -4,12 +4,15 @@ The apt module opens the package cache on every run (about half a second a task 
 host) and `dpkg_selections` costs a round trip per package; when every pinned package is
 already installed at its pinned version and held, neither has anything to do. One
 `dpkg-query` over the role's packages tells which are not there yet: the roles install only
-when that list is not empty, and hold only what is not held. Pure functions, unit-tested in
-tests/unit/test_packages.py.
+when that list is not empty, and hold only what is not held. The same shortcut for pip: the
+model role reads the pins of its hashed SDK lock (`servekit_pip_requirements`) and installs
+only when one is not met. Pure functions, unit-tested in tests/unit/test_packages.py and
+tests/unit/test_model_lock.py.
 """
 
 from __future__ import annotations
 
+import re
 from fnmatch import fnmatchcase
 
 # Package, version, status (e.g. "ii "), selection ("install", "hold"), one line a package.
@@ -48,6 +51,19 @@ def dpkg_unheld(query_stdout: str, names: list[str]) -> list[str]:
     return [name for name in names if name not in held]
 
 
+def pip_requirements(text: str) -> list[str]:
+    """The requirements of a pip requirements file (the model role's hashed SDK lock) as pip
+    reads them, without comments, options and hashes: "name==version" or, with an environment
+    marker, "name==version ; marker". Lines continued with a backslash are joined first."""
+    requirements = []
+    for line in re.sub(r"\\\r?\n", " ", text or "").splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line)  # a comment: "#" at the start or after a space
+        line = re.split(r"\s--?[a-z]", " " + line, maxsplit=1)[0].strip()  # options, --hash=...
+        if line and not line.startswith("-"):
+            requirements.append(re.sub(r"\s*;\s*", " ; ", line, count=1))
+    return requirements
+
+
 def _installed(query_stdout: str) -> dict[str, str]:
     return {
         fields[0]: fields[1]
@@ -76,4 +92,5 @@ class FilterModule:
             "servekit_dpkg_query_argv": dpkg_query_argv,
             "servekit_dpkg_unmet": dpkg_unmet,
             "servekit_dpkg_unheld": dpkg_unheld,
+            "servekit_pip_requirements": pip_requirements,
         }
