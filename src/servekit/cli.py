@@ -129,11 +129,11 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
+    from servekit.checkout import repo_root
     from servekit.images import lock
     from servekit.images.registry import resolve_digest
     from servekit.images.tags import TagError, aliased, inventory_image_tags
     from servekit.inventory import InventoryError
-    from servekit.sandbox.common import repo_root
 
     aliases = dict(a.split("=", 1) for a in args.registry_alias)
     resolve = aliased(resolve_digest, aliases)
