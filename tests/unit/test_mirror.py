@@ -410,3 +410,17 @@ def test_concurrent_requests_hash_once(tmp_path: Path) -> None:
     digests, hashed = asyncio.run(run())
     assert set(digests) == {_sha256(model_dir / BIG)}
     assert hashed == 1
+
+
+# --- starting a mirror ------------------------------------------------------------------------
+
+
+def test_a_mirror_that_cannot_start_says_why(tmp_path: Path) -> None:
+    from servekit.mirror.process import MirrorStartError
+
+    log = tmp_path / "mirror.log"
+    log.write_text("an earlier run's line\n")
+    with pytest.raises(MirrorStartError, match="exited with 2") as failed:
+        start_mirror(tmp_path / "missing", log, timeout=START_TIMEOUT)
+    assert "is not a directory" in str(failed.value)
+    assert "an earlier run's line" not in str(failed.value)  # only what this start wrote
