@@ -88,8 +88,9 @@ def wait_started(what: str, timeout: float = START_BUDGET_S) -> float:
 def ensure_deployed(ctx: Context) -> None:
     """A converged, healthy sandbox host 1 (deployed now, unmeasured, when there is none)."""
     from servekit.sandbox import manager
+    from servekit.sandbox.state import load_state
 
-    state = manager.load_state()
+    state = load_state()
     if state and any(h.index == 1 for h in state.hosts) and sandbox.healthy():
         return
     ctx.say("no healthy sandbox endpoint: bringing the sandbox up and deploying (not measured)")

@@ -831,7 +831,7 @@ def test_streaming_client_against_a_fake_server():
 
 class _State:
     def __init__(self, count: int) -> None:
-        from servekit.sandbox.manager import SandboxHost
+        from servekit.sandbox.state import SandboxHost
 
         self.hosts = [
             SandboxHost(

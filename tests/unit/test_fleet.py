@@ -16,8 +16,9 @@ import pytest
 from servekit import verify
 from servekit.inventory import API_KEY_ENV, ProbeTarget, gateway_targets, load_hostvars
 from servekit.probe import PROBE_NAMES, ProbeRun
-from servekit.sandbox import fleet, manager
-from servekit.sandbox.manager import SandboxHost, SandboxState
+from servekit.sandbox import fleet, state
+from servekit.sandbox.hosts import gateway_run_kwargs, host_run_kwargs
+from servekit.sandbox.state import SandboxHost, SandboxState
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_METRICS = tuple(n for n in PROBE_NAMES if n != "metrics")
@@ -155,12 +156,12 @@ def test_gateway_host_checks_are_their_own_module():
 
 
 def test_single_host_mode_keeps_its_ports_and_fleet_mode_frees_8000():
-    assert (manager.ssh_port(1), manager.api_port(1)) == (2222, 8000)
-    assert [manager.api_port(n, True) for n in (1, 2, 3)] == [8001, 8002, 8003]
-    kw = manager._host_run_kwargs(2, "172.17.0.1", fleet_mode=True)
+    assert (state.ssh_port(1), fleet.api_port(1)) == (2222, 8000)
+    assert [fleet.api_port(n, True) for n in (1, 2, 3)] == [8001, 8002, 8003]
+    kw = host_run_kwargs(2, "172.17.0.1", fleet_mode=True)
     assert kw["ports"] == {"22/tcp": ("127.0.0.1", 2223), "8000/tcp": ("127.0.0.1", 8002)}
-    assert manager._host_run_kwargs(1, "172.17.0.1")["ports"]["8000/tcp"] == ("127.0.0.1", 8000)
-    gw = manager._gateway_run_kwargs("172.17.0.1")
+    assert host_run_kwargs(1, "172.17.0.1")["ports"]["8000/tcp"] == ("127.0.0.1", 8000)
+    gw = gateway_run_kwargs("172.17.0.1")
     assert gw["name"] == "servekit-gateway" and gw["hostname"] == "sandbox-gateway"
     assert gw["ports"] == {"22/tcp": ("127.0.0.1", 2221), "8000/tcp": ("127.0.0.1", 8000)}
     assert gw["labels"] == {"servekit.role": "sandbox-gateway"}  # not a sandbox host
@@ -174,13 +175,13 @@ def hosts_and_gateway() -> tuple[list[SandboxHost], SandboxHost]:
     hosts = [
         SandboxHost(
             n,
-            manager.host_container(n),
-            manager.host_hostname(n),
+            state.host_container(n),
+            state.host_hostname(n),
             f"id{n}",
             "127.0.0.1",
-            manager.ssh_port(n),
-            manager.api_port(n, True),
-            manager.host_volume(n),
+            state.ssh_port(n),
+            fleet.api_port(n, True),
+            state.host_volume(n),
             address=f"172.17.0.{n + 2}",
         )
         for n in (1, 2, 3)

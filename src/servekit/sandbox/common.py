@@ -80,3 +80,25 @@ def step(progress: Progress, what: str) -> Iterator[None]:
         raise
     progress(f"{what}: done in {fmt_duration(time.monotonic() - start)}")
 
+
+def wait_until(check: Callable[[], object], what: str, timeout: float, interval: float = 0.2):
+    """Call ``check()`` until it returns a truthy value (returned); raise SandboxError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise SandboxError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 2.0):
+    """``GET url``: the response, or None when nothing answers."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=timeout)
+    except requests.RequestException:
+        return None
