@@ -100,7 +100,7 @@ test: lint venv host-tools ## What CI runs: lint, unit tests, the sandbox end to
 .PHONY: bench bench-model
 
 bench: venv host-tools ## Benchmark on the sandbox (~25 min on 2 cores; recreates the host): times vs floors, reports/bench.json
-	$(PY) benchmarks/bench.py --out reports/bench.json
+	$(PY) -m benchmarks.bench --out reports/bench.json
 
 bench-model: venv ## Model supply benchmark only (mirror throughput, model role re-runs): reports/bench-model.json
 	$(PY) benchmarks/model_supply.py reports/bench-model.json

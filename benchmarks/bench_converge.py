@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import bench_ansible as ba
-import bench_host as bh
-from bench_context import (
+from . import bench_ansible as ba
+from . import bench_host as bh
+from .bench_context import (
     Context,
     ensure_deployed,
     hand_start,
@@ -24,7 +24,7 @@ from bench_context import (
     start_vllm_if_stopped,
     unit_start,
 )
-from bench_report import figure, ratio
+from .bench_report import figure, ratio
 
 #: How each floor is measured (shown beside the breakdown and written to the JSON).
 FLOOR_METHODS = {

@@ -20,18 +20,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import servekit_net  # ansible/plugins/filter, on pytest's pythonpath (pyproject.toml)
 import yaml
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.parsing.dataloader import DataLoader
 from ansible.plugins.loader import filter_loader, init_plugin_loader
 from ansible.template import Templar, trust_as_template
+from test_bad_inputs import Case, _check_stayed_in_preflight, _run
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "vllm_service"
-sys.path.insert(0, str(ROOT / "ansible" / "plugins" / "filter"))
 
-import servekit_net  # noqa: E402
-from test_bad_inputs import Case, _check_stayed_in_preflight, _run  # noqa: E402
 
 LOADER = DataLoader()
 # The role's templates use the file lookup (the image lock, the engine facts) and the kit's
