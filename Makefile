@@ -17,6 +17,8 @@ ANSIBLE_ARGS ?=
 PYTEST_ARGS ?=
 # Hosts updated at once by `make roll`: a number or a share ("25%").
 ROLL_BATCH ?= 1
+# DEEP=1: `make verify` also hashes every model file against its manifest's SHA-256.
+DEEP ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 IS_SANDBOX := $(filter inventory/sandbox/% .sandbox/inventory/%,$(INVENTORY))
@@ -68,8 +70,8 @@ roll: venv ## Roll a change through INVENTORY a batch at a time: drain, update, 
 	@$(PY) -m servekit images check $(IMAGES_ARGS)
 	ansible-playbook -i $(INVENTORY) ansible/playbooks/rolling.yml -e servekit_rolling_batch=$(ROLL_BATCH) $(ANSIBLE_ARGS)
 
-verify: venv ## Prove every host of INVENTORY works: host checks, then request probes
-	$(PY) -m servekit verify --inventory $(INVENTORY) --report-dir reports
+verify: venv ## Prove every host of INVENTORY works: host checks, then request probes [DEEP=1: hash the model files]
+	$(PY) -m servekit verify --inventory $(INVENTORY) --report-dir reports $(if $(filter-out 0,$(DEEP)),--deep)
 
 probe: venv ## Probe any endpoint: make probe URL=http://host:8000 MODEL=Qwen3-8B [API_KEY=...]
 	$(PY) -m servekit probe --url $(URL) --model $(MODEL) $(if $(API_KEY),--api-key $(API_KEY))

@@ -127,7 +127,7 @@ def test_verify_checks_gateway_hosts_with_their_own_checks_and_probes_them(monke
     data = {"gpu_hosts": {"hosts": ["gpu-01"]}, "gateway": {"hosts": ["lb-01"]}}
     monkeypatch.setattr(inventory_module, "load_inventory", lambda path: data)
 
-    def fake_check_hosts(hosts, inventory, report_dir, jobs, tests_for=None):
+    def fake_check_hosts(hosts, inventory, report_dir, jobs, tests_for=None, deep=False):
         seen["hosts"], seen["tests_for"] = list(hosts), dict(tests_for or {})
         return [verify.HostChecks(h, 0, [verify.HostTest("t.py::t", "PASS", 0.1)]) for h in hosts]
 

@@ -296,6 +296,74 @@ def test_no_hosts_is_a_failure(tmp_path):
     assert ET.parse(tmp_path / "hosts.junit.xml").getroot().get("tests") == "0"
 
 
+def test_the_shipped_model_check_hashes_the_files_only_when_deep(tmp_path):
+    """test_host.py's manifest check, run by pytest-testinfra on this machine: sizes always,
+    the SHA-256 of every byte with --deep (a same-size change is caught only then)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    model = tmp_path / "models" / "test" / "m"
+    (model / "v1" / "sub").mkdir(parents=True)
+    (model / "current").symlink_to("v1")
+    files = {"config.json": b'{"a": 1}', "sub/w.bin": bytes(range(256)) * 64}
+    for rel, data in files.items():
+        (model / "v1" / rel).write_bytes(data)
+    manifest = {
+        rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for rel, data in files.items()
+    }
+    (model / "v1" / ".servekit-manifest.json").write_text(json.dumps({"files": manifest}))
+    inventory = write_inventory(
+        tmp_path,
+        f"""
+        all:
+          children:
+            gpu_hosts:
+              hosts:
+                m-1:
+                  ansible_connection: local
+                  servekit_model_root: {tmp_path / "models"}
+                  servekit_model_id: test/m
+        """,
+    )
+
+    def check(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                str(run.HOST_CHECKS / "test_host.py"),
+                "-k",
+                "test_model_matches_its_manifest",
+                "--hosts=ansible://m-1",
+                f"--ansible-inventory={inventory}",
+                "-p",
+                "no:cacheprovider",
+                "-q",
+                "-s",
+                *extra,
+            ],
+            cwd=ROOT,
+            env=run._pytest_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    deep = check("--deep")
+    assert deep.returncode == 0, deep.stdout + deep.stderr
+    assert "report: 2 files, SHA-256 of every byte matches the manifest" in deep.stdout
+    (model / "v1" / "sub" / "w.bin").write_bytes(b"\xff" + files["sub/w.bin"][1:])
+    quick = check()  # the size is the same
+    assert quick.returncode == 0, quick.stdout + quick.stderr
+    assert "report: 2 files, sizes checked" in quick.stdout
+    corrupt = check("--deep")
+    assert corrupt.returncode == 1
+    assert "sub/w.bin: expected " + manifest["sub/w.bin"]["sha256"] in corrupt.stdout
+
+
 # ---------------------------------------------------------------------- JUnit parsing
 
 PYTEST_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
@@ -529,8 +597,8 @@ def test_run_verify_reads_the_inventory_once(monkeypatch, tmp_path, fleet):
 
     seen: dict = {}
 
-    def fake_check_hosts(hosts, inventory, report_dir, jobs, tests_for=None):
-        seen["hosts"] = list(hosts)
+    def fake_check_hosts(hosts, inventory, report_dir, jobs, tests_for=None, deep=False):
+        seen.update(hosts=list(hosts), deep=deep)
         return [HostChecks(h, 0, [HostTest("t.py::t", "PASS", 0.1)]) for h in hosts]
 
     def fake_probe_all(targets, timeout):
@@ -540,17 +608,24 @@ def test_run_verify_reads_the_inventory_once(monkeypatch, tmp_path, fleet):
     monkeypatch.setattr(inventory_module, "load_inventory", counted)
     monkeypatch.setattr(run, "check_hosts", fake_check_hosts)
     monkeypatch.setattr(run, "probe_all", fake_probe_all)
-    got = run.run_verify(fleet, tmp_path)
+    got = run.run_verify(fleet, tmp_path, deep=True)
     assert got.ok
     assert reads == [fleet]
     assert seen == {
         "hosts": ["gpu-01", "gpu-02", "gpu-03", "gpu-04"],
+        "deep": True,
         "targets": ["gpu-01", "gpu-02", "gpu-03", "gpu-04"],
     }
     # One read answers every question asked of it.
     read = Inventory.read(fleet)
     assert read.hosts() == group_hosts(fleet) and read.hosts("other") == ["web-01"]
     assert probe_targets(read, env={}) == probe_targets(fleet, env={})
+
+
+def test_deep_host_checks_get_the_option(tmp_path):
+    command = run._pytest_command("h", tmp_path / "inv", tmp_path / "j.xml", tmp_path, deep=True)
+    assert command[-1] == "--deep"
+    assert "--deep" not in run._pytest_command("h", tmp_path / "inv", tmp_path / "j.xml", tmp_path)
 
 
 # ---------------------------------------------------------------------- host-check helpers

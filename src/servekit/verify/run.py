@@ -12,7 +12,9 @@ there unless ``gateway_expose_metrics``). Reports go to the report directory:
 
 The run passes only when every host check passed (skips are fine) and every probe run is ok.
 The inventory is read once (``ansible-inventory --list``) and handed to every question asked of
-it. The host checks are the pytest modules in ``host_checks/``, shipped with this package.
+it. The host checks are the pytest modules in ``host_checks/``, shipped with this package;
+``deep`` has them hash the model files against the manifest's SHA-256 instead of comparing
+sizes.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ def _test_files(tests: Path) -> list[str]:
     return [str(p) for p in files] or [str(tests)]
 
 
-def _pytest_command(host: str, inventory: Path, junit: Path, tests: Path) -> list[str]:
+def _pytest_command(
+    host: str, inventory: Path, junit: Path, tests: Path, deep: bool = False
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -89,6 +93,7 @@ def _pytest_command(host: str, inventory: Path, junit: Path, tests: Path) -> lis
         "-o",
         "junit_logging=system-out",
         f"--junitxml={junit}",
+        *(["--deep"] if deep else []),
     ]
 
 
@@ -100,12 +105,14 @@ def check_hosts(
     tests: Path = HOST_CHECKS,
     cwd: Path | None = None,
     tests_for: Mapping[str, Path] | None = None,
+    deep: bool = False,
 ) -> list[HostChecks]:
     """Run the host checks on every host, ``jobs`` hosts at a time; write hosts.junit.xml.
 
     ``tests_for`` gives some hosts other checks than ``tests`` (the gateway hosts); ``cwd``
-    (the checkout by default) is where relative paths of the inventory start. Returns one
-    :class:`HostChecks` per host, in the order given.
+    (the checkout by default) is where relative paths of the inventory start; ``deep`` is
+    passed on to the checks as ``--deep``. Returns one :class:`HostChecks` per host, in the
+    order given.
     """
     report_dir.mkdir(parents=True, exist_ok=True)
     inventory = Path(inventory).resolve()
@@ -118,7 +125,7 @@ def check_hosts(
             junit = Path(tmp) / f"host-{i}.junit.xml"
             start = time.perf_counter()
             proc = subprocess.run(
-                _pytest_command(host, inventory, junit, (tests_for or {}).get(host, tests)),
+                _pytest_command(host, inventory, junit, (tests_for or {}).get(host, tests), deep),
                 cwd=cwd,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -223,15 +230,17 @@ def run_verify(
     jobs: int = HOST_JOBS,
     timeout: float = 60.0,
     gateway_group: str | None = GATEWAY_GROUP,
+    deep: bool = False,
 ) -> VerifyResult:
     """Host checks, then request probes, of every host of ``group`` and ``gateway_group``;
-    the reports go to ``report_dir``."""
+    the reports go to ``report_dir``. ``deep`` hashes the model files on every host."""
     read = Inventory.read(inventory)
     hosts = read.hosts(group)
     gateways = [g for g in read.hosts(gateway_group) if g not in hosts] if gateway_group else []
     also = f" and {len(gateways)} of {gateway_group}" if gateways else ""
     print(
-        f"==> host checks on {len(hosts)} host(s) of {group}{also} in {inventory} "
+        f"==> host checks{' (deep)' if deep else ''} on {len(hosts)} host(s) of {group}{also} "
+        f"in {inventory} "
         f"({min(jobs, len(hosts) + len(gateways)) or 1} at a time)",
         flush=True,
     )
@@ -241,6 +250,7 @@ def run_verify(
         report_dir,
         jobs,
         tests_for=dict.fromkeys(gateways, GATEWAY_CHECKS),
+        deep=deep,
     )
     for c in checks:
         if not c.ok:

@@ -2,7 +2,7 @@
 
 `servekit verify` runs them, one pytest process per host, in parallel, as
 `pytest src/servekit/verify/host_checks/test_*.py --hosts=ansible://HOST
---ansible-inventory=INVENTORY` from the checkout. What the checks read on a host,
+--ansible-inventory=INVENTORY [--deep]` from the checkout. What the checks read on a host,
 and the settings they compare with (the inventory's plain values over the roles' defaults),
 are in ``servekit.verify.host_facts``.
 """
@@ -25,6 +25,21 @@ from servekit.verify.host_facts import (
     image_of,
     read_as_root,
 )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--deep",
+        action="store_true",
+        default=False,
+        help="hash every model file against the manifest's SHA-256 (sizes only without it)",
+    )
+
+
+@pytest.fixture(scope="session")
+def deep(request) -> bool:
+    """`servekit verify --deep`: checks read whole files where they otherwise compare sizes."""
+    return bool(request.config.getoption("deep"))
 
 
 @pytest.fixture(scope="module")

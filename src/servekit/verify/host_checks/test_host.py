@@ -10,7 +10,7 @@ import pytest
 
 from servekit.checkout import repo_root
 from servekit.images.registry import ImageRef, parse_reference
-from servekit.verify.host_facts import CONTAINER, ENV_FILE, UNIT_FILE, journal, redact
+from servekit.verify.host_facts import CONTAINER, ENV_FILE, UNIT_FILE, journal, redact, run_as_root
 
 SUPPORTED = {
     ("debian", "12"),
@@ -320,7 +320,9 @@ def test_api_key_appears_in_no_process_arguments(host, vllm_container, api_key):
     )
 
 
-def test_model_matches_its_manifest(host, hostvars):
+def test_model_matches_its_manifest(host, hostvars, deep):
+    """Every file of the manifest is there with its size; with `servekit verify --deep` also
+    with its SHA-256 (every byte read on the host: minutes for a large model)."""
     current = f"{hostvars['servekit_model_root']}/{hostvars['servekit_model_id']}/current"
     manifest_file = host.file(f"{current}/.servekit-manifest.json")
     assert manifest_file.exists, f"{current} has no manifest: the model was never verified"
@@ -333,3 +335,24 @@ def test_model_matches_its_manifest(host, hostvars):
             f"{current}/{path}: expected {entry['size']} bytes (manifest), got {f.size}"
         )
     assert host.file(f"{current}/config.json").exists, f"{current}/config.json is missing"
+    if not deep:
+        print(f"report: {len(manifest['files'])} files, sizes checked (--deep hashes them)")
+        return
+    unhashed = sorted(p for p, entry in manifest["files"].items() if not entry.get("sha256"))
+    assert not unhashed, f"the manifest holds no SHA-256 for {unhashed}: cannot check them"
+    paths = sorted(manifest["files"])
+    result = run_as_root(
+        host, "cd %s && sha256sum -- " + " ".join(["%s"] * len(paths)), current, *paths
+    )
+    assert result.rc == 0, f"sha256sum in {current} failed: {result.stderr.strip()[:400]}"
+    got = dict(reversed(line.split(None, 1)) for line in result.stdout.splitlines())
+    wrong = {
+        p: (manifest["files"][p]["sha256"], got.get(p))
+        for p in paths
+        if got.get(p) != manifest["files"][p]["sha256"]
+    }
+    assert not wrong, (
+        f"{current}: expected each file's SHA-256 to match the manifest, got "
+        + "; ".join(f"{p}: expected {want}, got {have}" for p, (want, have) in wrong.items())
+    )
+    print(f"report: {len(paths)} files, SHA-256 of every byte matches the manifest")
