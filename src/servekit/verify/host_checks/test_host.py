@@ -19,7 +19,8 @@ SUPPORTED = {
     ("rocky", "9"),
     ("rhel", "9"),
 }
-# Restart-count stability: poll /health this often over this long, then re-read NRestarts.
+# Restart-count stability: poll /health this often, at least this many times, and until the
+# server's process has lived through one interval of the health timer.
 HEALTH_POLLS = 6
 HEALTH_POLL_INTERVAL = 0.5
 
@@ -83,19 +84,33 @@ def _health_url(hostvars) -> str:
     return f"http://{address}:{port}/health"
 
 
+def _process_age(host, pid: str) -> int | None:
+    """Seconds since process ``pid`` started on the host; None when there is no such process."""
+    result = host.run("ps -o etimes= -p %s", pid)
+    age = result.stdout.strip()
+    return int(age) if result.rc == 0 and age.isdigit() else None
+
+
 def test_restart_count_is_stable_while_serving(host, hostvars):
-    """NRestarts must not move while /health is polled for a few seconds: a unit that
-    restarts in a loop can look active at any single moment."""
+    """The server is not restarting in a loop: its process has lived through at least one
+    interval of the health timer (waited for only when it started less than one interval ago),
+    and neither NRestarts nor the main process changed while /health was polled, every poll
+    answering 200. A unit that restarts in a loop can look active at any single moment; one
+    that outlives a health-timer probe and does not restart while watched is not looping."""
     url = _health_url(hostvars)
+    interval = int(hostvars["vllm_service_health_interval"])
     before = _service_props(host, "NRestarts", "MainPID", "ActiveState")
     codes: list[str] = []
-    deadline = time.monotonic() + HEALTH_POLLS * HEALTH_POLL_INTERVAL
+    polled_enough = time.monotonic() + HEALTH_POLLS * HEALTH_POLL_INTERVAL
     while True:
         result = host.run(
             "curl --silent --output /dev/null --max-time 5 --write-out '%%{http_code}' %s", url
         )
         codes.append(result.stdout.strip() or f"curl rc {result.rc}")
-        if len(codes) >= HEALTH_POLLS and time.monotonic() >= deadline:
+        age = _process_age(host, before["MainPID"])
+        if age is None:  # the process is gone: the checks below say how
+            break
+        if len(codes) >= HEALTH_POLLS and time.monotonic() >= polled_enough and age >= interval:
             break
         time.sleep(HEALTH_POLL_INTERVAL)
     after = _service_props(host, "NRestarts", "MainPID", "ActiveState")
@@ -106,6 +121,10 @@ def test_restart_count_is_stable_while_serving(host, hostvars):
     assert after["MainPID"] == before["MainPID"] and after["ActiveState"] == "active", (
         f"expected vllm.service to stay active with MainPID {before['MainPID']}, got "
         f"{after['ActiveState']} with MainPID {after['MainPID']}; journal:\n{journal(host, 'vllm')}"
+    )
+    assert age is not None and age >= interval, (
+        f"expected vllm.service's process {before['MainPID']} to outlive one health-timer "
+        f"interval ({interval} s), got {age} s; journal:\n{journal(host, 'vllm')}"
     )
     assert set(codes) == {"200"}, (
         f"expected HTTP 200 from every poll of {url}, got {codes}; journal:\n"
