@@ -369,22 +369,23 @@ def test_the_shipped_model_check_hashes_the_files_only_when_deep(tmp_path):
 PYTEST_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites name="pytest tests"><testsuite name="pytest" errors="1" failures="1" skipped="1"
  tests="5" time="3.1" hostname="ctl">
-<testcase classname="tests.infra.test_host"
+<testcase classname="src.servekit.verify.host_checks.test_host"
  name="test_docker_is_active_and_enabled[ansible://gpu-01]" time="0.120" />
-<testcase classname="tests.infra.test_host"
+<testcase classname="src.servekit.verify.host_checks.test_host"
  name="test_env_file_is_private[ansible://gpu-01]" time="0.050">
  <failure message="AssertionError: expected /etc/vllm/vllm.env mode 0o600, got 0o644&#10;assert 4"
  >long traceback</failure></testcase>
-<testcase classname="tests.infra.test_gpu"
+<testcase classname="src.servekit.verify.host_checks.test_gpu"
  name="test_driver_version_is_pinned[ansible://gpu-01]" time="0.001">
  <skipped type="pytest.skip" message="servekit_accelerator is 'cpu': not a GPU host"
  >test_gpu.py:88: servekit_accelerator is 'cpu'</skipped></testcase>
-<testcase classname="tests.infra.test_host"
+<testcase classname="src.servekit.verify.host_checks.test_host"
  name="test_teardown_breaks[ansible://gpu-01]" time="0.300" />
-<testcase classname="tests.infra.test_host"
+<testcase classname="src.servekit.verify.host_checks.test_host"
  name="test_teardown_breaks[ansible://gpu-01]" time="0.010">
  <error message="failed on teardown with &quot;Failed: cleanup broke&quot;">tb</error></testcase>
-<testcase classname="tests.infra.test_host" name="test_param[ansible://gpu-01-a]"
+<testcase classname="src.servekit.verify.host_checks.test_host"
+ name="test_param[ansible://gpu-01-a]"
  time="0.010" />
 </testsuite></testsuites>
 """
