@@ -41,10 +41,14 @@ class MirrorProcess:
             raise
 
 
+#: The mirror is on this machine: ask it directly, whatever proxy the environment names.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def healthy(url: str) -> bool:
     """True when the mirror at ``url`` answers ``/healthz`` with 200 (start-up hashing done)."""
     try:
-        with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
+        with _DIRECT.open(url + "/healthz", timeout=5) as resp:
             return resp.status == 200
     except OSError:  # refused, or 503 while the start-up hashing runs
         return False
