@@ -17,6 +17,8 @@ ANSIBLE_ARGS ?=
 PYTEST_ARGS ?=
 # Hosts updated at once by `make roll`: a number or a share ("25%").
 ROLL_BATCH ?= 1
+# DEEP=1: `make verify` also hashes every model file against its manifest's SHA-256.
+DEEP ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 IS_SANDBOX := $(filter inventory/sandbox/% .sandbox/inventory/%,$(INVENTORY))
@@ -71,8 +73,8 @@ roll: venv ## Roll a change through INVENTORY a batch at a time: drain, update, 
 	@$(PY) -m servekit images check $(IMAGES_ARGS)
 	ansible-playbook -i $(INVENTORY) ansible/playbooks/rolling.yml -e servekit_rolling_batch=$(ROLL_BATCH) $(ANSIBLE_ARGS)
 
-verify: venv ## Prove every host of INVENTORY works: host checks, then request probes
-	$(PY) -m servekit verify --inventory $(INVENTORY) --report-dir reports
+verify: venv ## Prove every host of INVENTORY works: host checks, then request probes [DEEP=1: hash the model files]
+	$(PY) -m servekit verify --inventory $(INVENTORY) --report-dir reports $(if $(filter-out 0,$(DEEP)),--deep)
 
 probe: venv ## Probe any endpoint: make probe URL=http://host:8000 MODEL=Qwen3-8B [API_KEY=...]
 	$(PY) -m servekit probe --url $(URL) --model $(MODEL) $(if $(API_KEY),--api-key $(API_KEY))
@@ -111,7 +113,7 @@ fault-table: ## Write the fault table of the last make test (reports/faults.json
 .PHONY: bench bench-model fault-table
 
 bench: venv host-tools ## Benchmark on the sandbox (~25 min on 2 cores; recreates the host): times vs floors, reports/bench.json
-	$(PY) benchmarks/bench.py --out reports/bench.json
+	$(PY) -m benchmarks.bench --out reports/bench.json
 
 bench-model: venv ## Model supply benchmark only (mirror throughput, model role re-runs): reports/bench-model.json
 	$(PY) benchmarks/model_supply.py reports/bench-model.json

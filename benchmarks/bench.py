@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: what operating servekit costs in time, as ratios against the floor.
 
-    .venv/bin/python benchmarks/bench.py [--runs N] [--only a,b] [--skip a,b] [--out FILE]
+    .venv/bin/python -m benchmarks.bench [--runs N] [--only a,b] [--skip a,b] [--out FILE]
                                          [--url URL --model NAME] [--quick] [--list]
 
 Phases (in this order; ``--list`` shows them with their default runs and rough cost):
@@ -37,17 +37,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "src"))
+from . import bench_ansible, bench_converge, bench_report, bench_runtime
+from .bench_context import Context
+from .bench_serving import server_version
 
-import bench_ansible  # noqa: E402
-import bench_converge  # noqa: E402
-import bench_report  # noqa: E402
-import bench_runtime  # noqa: E402
-from bench_context import Context  # noqa: E402
-from bench_serving import server_version  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -178,7 +172,9 @@ def run_phase(phase: Phase, ctx: Context) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench.json")
     parser.add_argument("--runs", type=int, help="runs of every phase (default: per phase)")

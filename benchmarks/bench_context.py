@@ -2,24 +2,21 @@
 
 The sandbox helpers of the end-to-end tests (``tests/e2e/sandbox_helpers.py``: commands on the
 host container, /health, the unit's identity) are used as they are, so the benchmark breaks and
-heals the server exactly as the fault suite does.
+heals the server exactly as the fault suite does (``python -m benchmarks.bench`` runs from the
+checkout, where ``tests`` is importable).
 """
 
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bench_ansible
-import bench_host
+from tests.e2e import sandbox_helpers as sandbox
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-import sandbox_helpers as sandbox  # noqa: E402  (the e2e tests' helpers, beside them)
+from . import bench_ansible, bench_host
 
 #: Start-up budget of one vLLM start (the sandbox allows vllm_service_start_timeout = 600 s).
 START_BUDGET_S = 600
@@ -88,8 +85,9 @@ def wait_started(what: str, timeout: float = START_BUDGET_S) -> float:
 def ensure_deployed(ctx: Context) -> None:
     """A converged, healthy sandbox host 1 (deployed now, unmeasured, when there is none)."""
     from servekit.sandbox import manager
+    from servekit.sandbox.state import load_state
 
-    state = manager.load_state()
+    state = load_state()
     if state and any(h.index == 1 for h in state.hosts) and sandbox.healthy():
         return
     ctx.say("no healthy sandbox endpoint: bringing the sandbox up and deploying (not measured)")

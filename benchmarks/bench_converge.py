@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import bench_ansible as ba
-import bench_host as bh
-from bench_context import (
+from . import bench_ansible as ba
+from . import bench_host as bh
+from .bench_context import (
     Context,
     ensure_deployed,
     hand_start,
@@ -24,7 +24,7 @@ from bench_context import (
     start_vllm_if_stopped,
     unit_start,
 )
-from bench_report import figure, ratio
+from .bench_report import figure, ratio
 
 #: How each floor is measured (shown beside the breakdown and written to the JSON).
 FLOOR_METHODS = {
@@ -93,10 +93,10 @@ def floor_inputs(state: Any) -> dict[str, Any]:
 
 def preflight_floor(state: Any) -> float:
     """Seconds for the reads preflight makes, by hand over one new SSH connection."""
-    from servekit.sandbox import manager
+    from servekit.sandbox.hosts import ssh_command
 
     host = next(h for h in state.hosts if h.index == 1)
-    ssh = manager.ssh_command(host.ssh_port, Path(state.ssh_key), Path(state.known_hosts))
+    ssh = ssh_command(host.ssh_port, Path(state.ssh_key), Path(state.known_hosts))
     start = time.monotonic()
     proc = subprocess.run(
         [*ssh, bh.PREFLIGHT_FLOOR], capture_output=True, text=True, check=False, timeout=60
@@ -150,12 +150,13 @@ def fresh_converge(ctx: Context) -> dict[str, Any]:
     converge, so whatever it warmed (page cache, the registry, a proxy) favours the floors and
     the ratios are, if anything, too high."""
     from servekit.sandbox import manager
+    from servekit.sandbox.state import host_hostname
 
     ctx.say("removing the sandbox hosts (registry and mirror stay)")
     t = time.monotonic()
     manager.up(hosts=0, progress=ctx.progress)
     prepare_s = time.monotonic() - t
-    ba.forget_facts([manager.host_hostname(1)])
+    ba.forget_facts([host_hostname(1)])
     t = time.monotonic()
     state = manager.up(hosts=1, progress=ctx.progress)
     create_s = time.monotonic() - t
@@ -283,10 +284,11 @@ def verify(ctx: Context) -> dict[str, Any]:
     Costs a converge of two more fresh sandbox hosts (in parallel, reported as a figure of
     its own); they are removed at the end."""
     from servekit.sandbox import manager
+    from servekit.sandbox.state import host_hostname
 
     ensure_deployed(ctx)
     manager.up(hosts=1, progress=ctx.progress)  # hosts 2 and 3 must be fresh
-    extra = [manager.host_hostname(n) for n in (2, 3)]
+    extra = [host_hostname(n) for n in (2, 3)]
     ba.forget_facts(extra)
     inv_dir = Path(tempfile.mkdtemp(prefix="servekit-bench-inventory-"))
     try:

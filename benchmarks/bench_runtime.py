@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import bench_ansible as ba
-import bench_host as bh
-import bench_serving as bs
-from bench_context import (
+from . import bench_ansible as ba
+from . import bench_host as bh
+from . import bench_serving as bs
+from .bench_context import (
     Context,
     ensure_deployed,
     hand_start,
@@ -26,7 +26,7 @@ from bench_context import (
     wait_healthy,
     wait_started,
 )
-from bench_report import figure, ratio
+from .bench_report import figure, ratio
 
 MODEL_SUPPLY = Path(__file__).resolve().parent / "model_supply.py"
 

@@ -56,6 +56,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         args.group,
         jobs=args.jobs,
         gateway_group=args.gateway_group or None,
+        deep=args.deep,
     )
     return 0 if result.ok else 1
 
@@ -129,11 +130,11 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
+    from servekit.checkout import repo_root
     from servekit.images import lock
     from servekit.images.registry import resolve_digest
     from servekit.images.tags import TagError, aliased, inventory_image_tags
     from servekit.inventory import InventoryError
-    from servekit.sandbox.common import repo_root
 
     aliases = dict(a.split("=", 1) for a in args.registry_alias)
     resolve = aliased(resolve_digest, aliases)
@@ -202,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--report-dir", default="reports")
     v.add_argument("--jobs", type=int, default=16, help="hosts checked at once (default 16)")
+    v.add_argument(
+        "--deep",
+        action="store_true",
+        help="also hash every model file against the SHA-256 in its manifest (reads the whole "
+        "model on each host; without it the sizes are compared)",
+    )
     v.set_defaults(func=_cmd_verify)
 
     k = sub.add_parser(

@@ -5,6 +5,9 @@
 other plain variables (`"http://{{ ansible_host }}:8000"`) are resolved here; anything else
 counts as unknown and falls back to the role default, except the API key, which then comes
 from the environment variable ``SERVEKIT_API_KEY``.
+
+Every question below takes an :class:`Inventory` (read once with ``Inventory.read``) or a path
+(read again for that question): a command that asks several reads it once and passes it on.
 """
 
 from __future__ import annotations
@@ -79,9 +82,35 @@ def load_inventory(inventory: Path) -> dict:
     return json.loads(out)
 
 
-def load_hostvars(inventory: Path, group: str = "gpu_hosts") -> dict[str, dict]:
+@dataclass(frozen=True)
+class Inventory:
+    """An inventory read once (`ansible-inventory --list`), then asked any number of questions.
+
+    The functions below take one of these or a path; given a path, each reads it again.
+    """
+
+    path: Path
+    data: dict
+
+    @classmethod
+    def read(cls, path: Path) -> Inventory:
+        return cls(Path(path), load_inventory(Path(path)))
+
+    def hostvars(self, group: str = "gpu_hosts") -> dict[str, dict]:
+        """The variables of every host of ``group`` (and its child groups), in inventory order."""
+        return hostvars_of(self.data, group)
+
+    def hosts(self, group: str = "gpu_hosts") -> list[str]:
+        return list(self.hostvars(group))
+
+
+def _read(inventory: Inventory | Path) -> Inventory:
+    return inventory if isinstance(inventory, Inventory) else Inventory.read(inventory)
+
+
+def load_hostvars(inventory: Inventory | Path, group: str = "gpu_hosts") -> dict[str, dict]:
     """The variables of every host of ``group`` (and its child groups), in inventory order."""
-    return hostvars_of(load_inventory(inventory), group)
+    return _read(inventory).hostvars(group)
 
 
 def hostvars_of(data: dict, group: str) -> dict[str, dict]:
@@ -90,8 +119,8 @@ def hostvars_of(data: dict, group: str) -> dict[str, dict]:
     return {h: hostvars.get(h, {}) for h in _group_hosts(data, group)}
 
 
-def group_hosts(inventory: Path, group: str = "gpu_hosts") -> list[str]:
-    return list(load_hostvars(inventory, group))
+def group_hosts(inventory: Inventory | Path, group: str = "gpu_hosts") -> list[str]:
+    return _read(inventory).hosts(group)
 
 
 def _group_hosts(data: dict, group: str) -> list[str]:
@@ -132,7 +161,7 @@ def _api_key(hv: Mapping[str, object], env: Mapping[str, str]) -> tuple[str | No
 
 
 def probe_targets(
-    inventory: Path, group: str = "gpu_hosts", env: Mapping[str, str] | None = None
+    inventory: Inventory | Path, group: str = "gpu_hosts", env: Mapping[str, str] | None = None
 ) -> list[ProbeTarget]:
     """One probe target per host of ``group``. ``env`` defaults to ``os.environ``."""
     env = os.environ if env is None else env
@@ -176,7 +205,7 @@ def _gateway_api_key(
 
 
 def gateway_targets(
-    inventory: Path,
+    inventory: Inventory | Path,
     group: str = "gateway",
     backend_group: str = "gpu_hosts",
     env: Mapping[str, str] | None = None,
@@ -187,7 +216,8 @@ def gateway_targets(
     from servekit.probe import PROBE_NAMES
 
     env = os.environ if env is None else env
-    gateways = load_hostvars(inventory, group)
+    inventory = _read(inventory)
+    gateways = inventory.hostvars(group)
     if not gateways:
         return []
     backends = probe_targets(inventory, backend_group, env)

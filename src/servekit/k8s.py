@@ -35,11 +35,11 @@ from typing import Any
 
 import yaml
 
+from servekit.checkout import repo_root, role_defaults
+from servekit.images.registry import split_reference
 from servekit.images.tags import TagError, locked_host_image
-from servekit.inventory import _plain, is_unresolved, load_hostvars
+from servekit.inventory import _plain, load_hostvars
 
-ROOT = Path(__file__).resolve().parents[2]
-ROLES = ROOT / "ansible" / "roles"
 DEFAULT_MODELSCOPE = "https://modelscope.cn"
 SECRET_NAME = "servekit-vllm-api-key"
 SECRET_KEY = "api-key"
@@ -87,13 +87,11 @@ def split_image(ref: str) -> tuple[str, str]:
     The chart writes ``repository:tag``; a tag followed by the digest is a valid reference
     whose digest decides what is pulled. A reference without a tag keeps ``latest`` there.
     """
-    name, _, digest = ref.partition("@")
-    last = name.rsplit("/", 1)[-1]
-    tag = "latest"
-    if ":" in last:
-        name, tag = name.rsplit(":", 1)
-    if not name or not tag:
-        raise K8sValuesError(f"vllm_service_image={ref!r} is not an image reference")
+    try:
+        name, tag, digest = split_reference(ref)
+    except ValueError as exc:
+        raise K8sValuesError(f"vllm_service_image={ref!r} is not an image reference") from exc
+    tag = tag or "latest"
     return name, f"{tag}@{digest}" if digest else tag
 
 
@@ -101,11 +99,6 @@ def k8s_name(served_name: str) -> str:
     """A DNS-1123 label for the chart's resource names: ``Qwen3-8B`` -> ``qwen3-8b``."""
     name = re.sub(r"[^a-z0-9-]+", "-", served_name.lower()).strip("-")
     return name[:40].rstrip("-") or "model"
-
-
-def _role_defaults() -> dict[str, Any]:
-    data = yaml.safe_load((ROLES / "vllm_service" / "defaults" / "main.yml").read_text()) or {}
-    return {k: v for k, v in data.items() if not is_unresolved(v)}
 
 
 def host_serving(host: str, hostvars: Mapping[str, Any], defaults: Mapping[str, Any]) -> Serving:
@@ -195,7 +188,7 @@ def values(
     if not hosts:
         raise K8sValuesError("the inventory group has no hosts: nothing to serve")
     res = DEFAULT_RESOURCES | dict(resources or {})
-    defaults = _role_defaults()
+    defaults = role_defaults("vllm_service", plain=True)
     if image:
         defaults["vllm_service_image"] = image
     groups: dict[Serving, list[str]] = {}
@@ -239,7 +232,7 @@ def values_from_inventory(
 
 def _with_locked_image(host: str, hv: dict[str, Any], inventory: Path) -> dict[str, Any]:
     try:
-        image = locked_host_image(host, hv, inventory, ROOT)
+        image = locked_host_image(host, hv, inventory, repo_root())
     except TagError as exc:
         raise K8sValuesError(f"{exc}, or give --image name:tag@sha256:...") from exc
     return hv if image is None else {**hv, "vllm_service_image": image}

@@ -106,16 +106,16 @@ def wait_for(predicate, what: str, deadline_s: float, interval: float = 0.5) -> 
 def push_relabelled(state, tag: str, label: str) -> str:
     """The sandbox's vLLM image with one more label (a new digest over the same layers: a new
     release, quick to push and to pull), pushed to the sandbox registry as ``tag``; its digest."""
-    from servekit.sandbox import manager
+    from servekit.sandbox import registry
     from servekit.sandbox.common import docker_client
 
     client = docker_client()
     local = state.registry["local"]
-    repo = manager.vllm_registry_repo(local)
+    repo = registry.vllm_registry_repo(local)
     dockerfile = f"FROM {state.images['vllm-cpu']}\nLABEL {label}\n"
     client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{repo}:{tag}", rm=True)
     push_tag(client, repo, tag)
-    digest = manager.registry_digest(local, "servekit/vllm-cpu", tag)
+    digest = registry.registry_digest(local, "servekit/vllm-cpu", tag)
     assert digest, f"the registry does not list the pushed {repo}:{tag}"
     return digest
 

@@ -148,6 +148,7 @@ def changed_tasks(output: str) -> list[str]:
 
 
 def test_gpu_plan_for_a_recorded_h100_system_changes_nothing(deployment):
+    before = vllm_identity()
     profile = ROOT / "tests" / "fixtures" / "gpu" / "h100_sxm_hgx_nvswitch.lspci"
     output = ansible_playbook(
         "gpu-plan",
@@ -158,7 +159,7 @@ def test_gpu_plan_for_a_recorded_h100_system_changes_nothing(deployment):
         "-e",
         f"servekit_gpu_profile={profile}",
     )
-    assert "8 x H100" in output or "H100" in output
+    assert "8 x H100" in output  # the plan's GPU line: all eight GPUs of the profile
     assert "kernel modules open" in output
     assert "nvidia-fabricmanager" in output
     assert "nvidia-container-toolkit" in output
@@ -167,7 +168,8 @@ def test_gpu_plan_for_a_recorded_h100_system_changes_nothing(deployment):
         "sh", "-c", "ls /etc/apt/sources.list.d/ /etc/modprobe.d/; dpkg -l | grep -i nvidia || true"
     ).stdout
     assert "nvidia" not in leftovers.lower(), leftovers
-    assert vllm_identity()[0], "the plan must not disturb the running server"
+    assert all(before), f"vllm is not running before the plan: {before}"
+    assert vllm_identity() == before, "the plan must not disturb the running server"
 
 
 def test_verify_fails_once_the_service_is_stopped(deployment, tmp_path):

@@ -45,6 +45,8 @@ from sandbox_helpers import (
 
 from servekit.sandbox import fleet as sandbox_fleet
 from servekit.sandbox import manager
+from servekit.sandbox.registry import vllm_registry_repo
+from servekit.sandbox.state import SandboxState, host_container
 from servekit.verify import run_verify
 
 pytestmark = pytest.mark.e2e
@@ -194,11 +196,11 @@ class Load:
         return f"{self.ok} answered, {len(self.failures)} failed: {dict(kinds)}"
 
 
-def second_image(state: manager.SandboxState) -> str:
+def second_image(state: SandboxState) -> str:
     """The sandbox's vLLM image with one more label, in the sandbox registry."""
     digest = push_relabelled(state, "rolling", "servekit.test.rolling=2")
     assert digest not in state.vllm_image, "the new image must have another digest"
-    return f"{manager.vllm_registry_repo(state.registry['remote'])}@{digest}"
+    return f"{vllm_registry_repo(state.registry['remote'])}@{digest}"
 
 
 # ---------------------------------------------------------------------- the fleet
@@ -206,7 +208,7 @@ def second_image(state: manager.SandboxState) -> str:
 
 @dataclass
 class Fleet:
-    state: manager.SandboxState
+    state: SandboxState
     inventory: Path
     deploy_output: str
 
@@ -281,7 +283,7 @@ def test_the_gateway_forwards_only_the_allow_list_and_wants_its_key(serving):
 
 
 def test_killing_a_host_under_load_fails_no_request(serving):
-    victim = manager.host_container(2)
+    victim = host_container(2)
     try:
         with Load(workers=4) as load:
             load.wait_for_answers(20)
@@ -324,7 +326,7 @@ def test_rolling_image_and_flag_update_under_load_fails_no_request(serving):
     hosts = recap(output)
     assert all(h["failed"] == 0 for h in hosts.values()), hosts
     for n in range(1, HOSTS + 1):
-        container = manager.host_container(n)
+        container = host_container(n)
         assert running_image(container) == image, f"{container} does not run the new image"
         exec_start = " ".join(unit_text(container).replace("\\\n", " ").split())
         assert "--max-num-seqs 32" in exec_start, f"{container}: {exec_start[:600]}"
@@ -338,8 +340,8 @@ def test_rolling_image_and_flag_update_under_load_fails_no_request(serving):
 
 
 def test_a_rolling_update_that_breaks_the_server_rolls_back_and_stops(serving):
-    before = {n: vllm_identity(manager.host_container(n)) for n in range(1, HOSTS + 1)}
-    good_unit = unit_text(manager.host_container(1))
+    before = {n: vllm_identity(host_container(n)) for n in range(1, HOSTS + 1)}
+    good_unit = unit_text(host_container(1))
     change = json.dumps({"vllm_service_extra_args": ["--no-such-flag"]})
     with Load(workers=4, stream_every=3) as load:
         load.wait_for_answers(20)
@@ -354,10 +356,10 @@ def test_a_rolling_update_that_breaks_the_server_rolls_back_and_stops(serving):
     assert not load.failures, load.summary()
     assert "ROLL-OUT STOPPED on sandbox-1" in output, output[-4000:]
     assert "was rolled back to image" in output and "serves again" in output, output[-4000:]
-    first = manager.host_container(1)
+    first = host_container(1)
     assert unit_text(first) == good_unit, "sandbox-1 runs its previous unit again"
     assert "--no-such-flag" not in unit_text(first)
     # The roll-out stopped at the first batch: the other hosts were never restarted.
     for n in (2, 3):
-        assert vllm_identity(manager.host_container(n)) == before[n], f"sandbox-{n} restarted"
+        assert vllm_identity(host_container(n)) == before[n], f"sandbox-{n} restarted"
     wait_for(all_in_rotation, "sandbox-1 back in rotation", 60)

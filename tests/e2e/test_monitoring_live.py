@@ -9,8 +9,8 @@ import json
 import pytest
 from sandbox_helpers import BASE_URL, on_host, wait_for
 
-from servekit.monitoring import expressions, grafana_substitute, metric_names
 from servekit.probe import run_probes
+from tests.promql import expressions, grafana_substitute, metric_names
 
 pytestmark = pytest.mark.e2e
 

@@ -28,8 +28,9 @@ from sandbox_helpers import (
 
 from servekit.images import lock as image_lock
 from servekit.images import vllm_version
-from servekit.sandbox import manager
 from servekit.sandbox.common import docker_client
+from servekit.sandbox.registry import vllm_registry_repo
+from servekit.sandbox.state import load_state
 from servekit.verify import run_verify
 
 pytestmark = pytest.mark.e2e
@@ -78,13 +79,13 @@ def test_a_release_below_the_floor_stops_in_preflight_and_changes_nothing(servin
 def moved_tag(deployment):
     """The release tag pushed anew in the sandbox registry (another image: the CPU image with
     one more label); the original is pushed back afterwards. Yields the new digest."""
-    state = manager.load_state()
+    state = load_state()
     assert state is not None
     moved = push_relabelled(state, f"v{VERSION}", "servekit.test.moved-tag=1")
     assert moved != image_lock.read_lock(LOCK)[TAG]
     yield moved
     client = docker_client()
-    repo = manager.vllm_registry_repo(state.registry["local"])
+    repo = vllm_registry_repo(state.registry["local"])
     client.images.get(state.images["vllm-cpu"]).tag(repo, f"v{VERSION}")
     push_tag(client, repo, f"v{VERSION}")
 
@@ -190,7 +191,7 @@ def test_the_recorded_engine_facts_are_the_pinned_release_s_own(deployment):
     image of servekit_vllm_version registers (`make engine-facts` writes it)."""
     from servekit.sandbox.vllm_facts import load_engines, read_facts
 
-    state = manager.load_state()
+    state = load_state()
     assert state is not None
     recorded = load_engines(ROOT)[VERSION]
     assert read_facts(state.images["vllm-cpu"]) == {

@@ -18,13 +18,9 @@ import pytest
 
 from servekit.sandbox import SandboxState, down, ensure_docker_engine, status, up
 from servekit.sandbox.common import docker_client
-from servekit.sandbox.manager import (
-    REGISTRY_CONTAINER,
-    REGISTRY_VOLUME,
-    _Paths,
-    host_volume,
-    ssh_command,
-)
+from servekit.sandbox.hosts import ssh_command
+from servekit.sandbox.registry import REGISTRY_CONTAINER, REGISTRY_VOLUME
+from servekit.sandbox.state import SandboxPaths, host_volume
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +40,7 @@ def ssh(state: SandboxState, command: str, known_hosts: bool = True) -> subproce
 
 
 def test_state_describes_the_sandbox(sandbox: SandboxState):
-    paths = _Paths()
+    paths = SandboxPaths()
     on_disk = json.loads(paths.state.read_text())
     assert on_disk["hosts"][0]["name"] == "servekit-sandbox-1"
     assert (sandbox.hosts[0].ssh_port, sandbox.hosts[0].api_port) == (2222, 8000)
@@ -117,7 +113,7 @@ def test_down_removes_everything(sandbox: SandboxState):
     assert REGISTRY_VOLUME in volumes, "the registry cache survives a plain down"
     st = status()
     assert st["hosts"] == [] and st["mirror"]["pid"] is None and not st["up"]
-    assert not _Paths().state.exists()
+    assert not SandboxPaths().state.exists()
     down()  # idempotent
 
 

@@ -3,18 +3,25 @@ update touch, and switches for the ways a server fails.
 
 ``mode`` (settable while it runs): ``ok``; ``unhealthy`` (/health answers 503, requests still
 work); ``drop`` (POSTs: the connection is closed without an answer, as by a crash);
-``hang`` (POSTs never answer); ``error`` (chat completions answer 500).
+``hang`` (POSTs never answer; ``hung`` is set while one waits, ``cut`` once the client closed
+it); ``error`` (chat completions answer 500).
+
+A stream asked for with ``"lockstep": true`` is written a chunk at a time: the next chunk only
+once the client has read this one and said so (``acks.release()``); ``acked`` records, chunk by
+chunk, whether that came (False: the chunk never reached the client while the server waited).
 """
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODEL = "Qwen3-8B"
+#: Seconds a lockstep stream waits for the client to read a chunk before it writes the next.
+LOCKSTEP_WAIT_S = 10
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -25,9 +32,9 @@ class _QuietServer(ThreadingHTTPServer):
 class FakeBackend:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.mode = "ok"
         self.posts = 0
         self._release = threading.Event()
+        self.reset()
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,7 +70,11 @@ class FakeBackend:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if backend.mode == "hang":
-                    backend._release.wait(60)
+                    backend.hung.set()
+                    while not backend._release.wait(0.05):
+                        if self._closed_by_client():
+                            backend.cut.set()
+                            break
                     self.close_connection = True
                     return
                 if backend.mode == "error":
@@ -76,12 +87,20 @@ class FakeBackend:
                     self.end_headers()
                     for i in range(int(body.get("chunks", 2))):
                         self._chunk(f'data: {{"i": {i}, "server": "{backend.name}"}}\n\n')
-                        time.sleep(float(body.get("gap", 0.0)))
+                        if body.get("lockstep"):
+                            backend.acked.append(backend.acks.acquire(timeout=LOCKSTEP_WAIT_S))
                     self._chunk("data: [DONE]\n\n")
                     self.wfile.write(b"0\r\n\r\n")
                     return
                 answer = {"object": "chat.completion", "model": MODEL, "server": backend.name}
                 self._send(200, json.dumps(answer))
+
+            def _closed_by_client(self) -> bool:
+                try:
+                    readable, _, _ = select.select([self.connection], [], [], 0)
+                    return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+                except OSError:  # reset
+                    return True
 
             def _chunk(self, text: str) -> None:
                 data = text.encode()
@@ -92,6 +111,16 @@ class FakeBackend:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def reset(self) -> None:
+        """Healthy, with fresh records; a request still hanging here is let go."""
+        self.mode = "ok"
+        self._release.set()
+        self._release.clear()
+        self.hung = threading.Event()
+        self.cut = threading.Event()
+        self.acks = threading.Semaphore(0)
+        self.acked: list[bool] = []
 
     def start(self) -> FakeBackend:
         self._thread.start()

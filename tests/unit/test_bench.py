@@ -14,7 +14,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -23,16 +22,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import bench, bench_converge, bench_runtime
+from benchmarks import bench_ansible as ba
+from benchmarks import bench_host as bh
+from benchmarks import bench_report as br
+from benchmarks import bench_serving as bs
 
-import bench  # noqa: E402
-import bench_ansible as ba  # noqa: E402
-import bench_converge  # noqa: E402
-import bench_host as bh  # noqa: E402
-import bench_report as br  # noqa: E402
-import bench_runtime  # noqa: E402
-import bench_serving as bs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 # A fresh converge as profile_tasks prints it (recorded on the sandbox, tasks left out between
 # the ones kept; the times are the recorded ones, so the tasks kept absorb the gaps).
@@ -836,7 +832,7 @@ def test_streaming_client_against_a_fake_server():
 
 class _State:
     def __init__(self, count: int) -> None:
-        from servekit.sandbox.manager import SandboxHost
+        from servekit.sandbox.state import SandboxHost
 
         self.hosts = [
             SandboxHost(

@@ -14,12 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from servekit_files import dir_current, file_current, present  # ansible/plugins/filter
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "ansible" / "library" / "servekit_file_state.py"
-sys.path.insert(0, str(ROOT / "ansible" / "plugins" / "filter"))
-
-from servekit_files import dir_current, file_current, present  # noqa: E402 (path set above)
 
 
 def read_state(*paths: Path, contents: tuple[Path, ...] = ()) -> dict:

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from servekit import inventory as inventory_module
 from servekit import verify
 from servekit.inventory import API_KEY_ENV, ProbeTarget, gateway_targets, load_hostvars
 from servekit.probe import PROBE_NAMES, ProbeRun
-from servekit.sandbox import fleet, manager
-from servekit.sandbox.manager import SandboxHost, SandboxState
+from servekit.sandbox import fleet, state
+from servekit.sandbox.hosts import gateway_run_kwargs, host_run_kwargs
+from servekit.sandbox.state import SandboxHost, SandboxState
+from servekit.verify import run
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_METRICS = tuple(n for n in PROBE_NAMES if n != "metrics")
@@ -108,7 +111,7 @@ def test_probe_all_keeps_gateway_and_host_probe_sets_apart(monkeypatch):
         calls.append((tuple(name for name, _ in pairs), checks))
         return [ProbeRun(name, url, model=model) for name, url in pairs]
 
-    monkeypatch.setattr(verify, "probe_targets", fake_probe_targets)
+    monkeypatch.setattr(run, "probe_targets", fake_probe_targets)
     targets = [
         ProbeTarget("gpu-01", "http://a:8000", "Qwen3-8B", None, 8192, "qwen3"),
         ProbeTarget("lb-01", "http://l:8000", "Qwen3-8B", None, 8192, "qwen3", checks=NO_METRICS),
@@ -121,19 +124,19 @@ def test_probe_all_keeps_gateway_and_host_probe_sets_apart(monkeypatch):
 
 def test_verify_checks_gateway_hosts_with_their_own_checks_and_probes_them(monkeypatch, tmp_path):
     seen: dict = {}
-    groups = {"gpu_hosts": ["gpu-01"], "gateway": ["lb-01"]}
-    monkeypatch.setattr(verify, "group_hosts", lambda inv, group: groups.get(group, []))
+    data = {"gpu_hosts": {"hosts": ["gpu-01"]}, "gateway": {"hosts": ["lb-01"]}}
+    monkeypatch.setattr(inventory_module, "load_inventory", lambda path: data)
 
-    def fake_check_hosts(hosts, inventory, report_dir, jobs, tests_for=None):
+    def fake_check_hosts(hosts, inventory, report_dir, jobs, tests_for=None, deep=False):
         seen["hosts"], seen["tests_for"] = list(hosts), dict(tests_for or {})
         return [verify.HostChecks(h, 0, [verify.HostTest("t.py::t", "PASS", 0.1)]) for h in hosts]
 
     lb = ProbeTarget("lb-01", "http://l:8000", "Qwen3-8B", None, 8192, "qwen3", kind="gateway")
-    monkeypatch.setattr(verify, "check_hosts", fake_check_hosts)
-    monkeypatch.setattr(verify, "inventory_targets", lambda inv, group: [])
-    monkeypatch.setattr(verify, "gateway_targets", lambda inv, group, backends: [lb])
+    monkeypatch.setattr(run, "check_hosts", fake_check_hosts)
+    monkeypatch.setattr(run, "inventory_targets", lambda inv, group: [])
+    monkeypatch.setattr(run, "gateway_targets", lambda inv, group, backends: [lb])
     monkeypatch.setattr(
-        verify, "probe_all", lambda targets, timeout: [ProbeRun(t.host, t.url) for t in targets]
+        run, "probe_all", lambda targets, timeout: [ProbeRun(t.host, t.url) for t in targets]
     )
     result = verify.run_verify(Path("inv.yml"), tmp_path)
     assert seen["hosts"] == ["gpu-01", "lb-01"]
@@ -146,21 +149,21 @@ def test_verify_checks_gateway_hosts_with_their_own_checks_and_probes_them(monke
 
 
 def test_gateway_host_checks_are_their_own_module():
-    files = verify._test_files(verify.GATEWAY_CHECKS)
+    files = run._test_files(verify.GATEWAY_CHECKS)
     assert [Path(f).name for f in files] == ["test_gateway.py"]
-    assert all("gateway" not in Path(f).parent.name for f in verify._test_files(verify.HOST_CHECKS))
+    assert all("gateway" not in Path(f).parent.name for f in run._test_files(verify.HOST_CHECKS))
 
 
 # ---------------------------------------------------------------------- sandbox fleet mode
 
 
 def test_single_host_mode_keeps_its_ports_and_fleet_mode_frees_8000():
-    assert (manager.ssh_port(1), manager.api_port(1)) == (2222, 8000)
-    assert [manager.api_port(n, True) for n in (1, 2, 3)] == [8001, 8002, 8003]
-    kw = manager._host_run_kwargs(2, "172.17.0.1", fleet_mode=True)
+    assert (state.ssh_port(1), fleet.api_port(1)) == (2222, 8000)
+    assert [fleet.api_port(n, True) for n in (1, 2, 3)] == [8001, 8002, 8003]
+    kw = host_run_kwargs(2, "172.17.0.1", fleet_mode=True)
     assert kw["ports"] == {"22/tcp": ("127.0.0.1", 2223), "8000/tcp": ("127.0.0.1", 8002)}
-    assert manager._host_run_kwargs(1, "172.17.0.1")["ports"]["8000/tcp"] == ("127.0.0.1", 8000)
-    gw = manager._gateway_run_kwargs("172.17.0.1")
+    assert host_run_kwargs(1, "172.17.0.1")["ports"]["8000/tcp"] == ("127.0.0.1", 8000)
+    gw = gateway_run_kwargs("172.17.0.1")
     assert gw["name"] == "servekit-gateway" and gw["hostname"] == "sandbox-gateway"
     assert gw["ports"] == {"22/tcp": ("127.0.0.1", 2221), "8000/tcp": ("127.0.0.1", 8000)}
     assert gw["labels"] == {"servekit.role": "sandbox-gateway"}  # not a sandbox host
@@ -174,13 +177,13 @@ def hosts_and_gateway() -> tuple[list[SandboxHost], SandboxHost]:
     hosts = [
         SandboxHost(
             n,
-            manager.host_container(n),
-            manager.host_hostname(n),
+            state.host_container(n),
+            state.host_hostname(n),
             f"id{n}",
             "127.0.0.1",
-            manager.ssh_port(n),
-            manager.api_port(n, True),
-            manager.host_volume(n),
+            state.ssh_port(n),
+            fleet.api_port(n, True),
+            state.host_volume(n),
             address=f"172.17.0.{n + 2}",
         )
         for n in (1, 2, 3)

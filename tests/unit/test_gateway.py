@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,9 +195,7 @@ def test_rendered_configuration(tmp_path):
 def gateway(live, backends) -> Iterator[Gateway]:
     """Each test starts from both servers healthy, in rotation, and leaves them so."""
     for name, backend in backends.items():
-        backend.mode = "ok"
-        backend._release.set()
-        backend._release.clear()
+        backend.reset()
         live.api("ready", name)
         live.wait_until(lambda n=name: live.server(n)["up"], f"{name} up")
     yield live
@@ -214,21 +211,26 @@ def test_requests_are_spread_and_streams_pass_through_unbuffered(gateway, backen
     assert set(servers) == {"b1", "b2"}, servers
     after = {n: gateway.server(n)["requests"] for n in ("b1", "b2")}
     assert sum(after.values()) - sum(before.values()) == 8, (before, after)
-    arrivals = []
-    start = time.monotonic()
+    # In lockstep the server writes a chunk only once this client has read the one before:
+    # a gateway that held chunks back would have the server wait in vain.
     resp = requests.post(
         f"{gateway.url}/v1/chat/completions",
-        json={"model": MODEL, "stream": True, "chunks": 3, "gap": 0.4},
+        json={"model": MODEL, "stream": True, "chunks": 3, "lockstep": True},
         headers={"Authorization": f"Bearer {KEY}"},
         stream=True,
-        timeout=30,
+        timeout=60,
     )
+    lines = []
     for line in resp.iter_lines(chunk_size=1):
+        if line.startswith(b"data: {"):
+            backends[json.loads(line.removeprefix(b"data: "))["server"]].acks.release()
         if line:
-            arrivals.append((time.monotonic() - start, line))
-    assert arrivals[-1][1] == b"data: [DONE]"
-    first, last = arrivals[0][0], arrivals[-1][0]
-    assert last - first > 0.9, f"the chunks arrived together: {arrivals}"
+            lines.append(line)
+    assert lines[-1] == b"data: [DONE]" and len(lines) == 4, lines
+    server = json.loads(lines[0].removeprefix(b"data: "))["server"]
+    assert backends[server].acked == [True, True, True], (
+        f"the server waited in vain for the client to read a chunk: {backends[server].acked}"
+    )
 
 
 # Paths the stand-in servers answer 200 to, which the default allow-list leaves out; and
@@ -315,18 +317,22 @@ def test_requests_a_server_drops_unanswered_are_retried_on_another(gateway, back
 @needs_haproxy
 def test_a_request_on_a_server_that_dies_is_cut_and_retried_once_its_checks_fail(gateway, backends):
     gateway.api("drain", "b1")  # the request goes to b2
-    backends["b2"].mode = "hang"
+    b2 = backends["b2"]
+    b2.mode = "hang"
 
-    def die_later() -> None:
-        time.sleep(0.5)
-        backends["b2"].mode = "unhealthy"
-        gateway.api("ready", "b1")
+    def die_once_it_holds_the_request() -> None:
+        held = b2.hung.wait(30)
+        gateway.api("ready", "b1")  # first: b1 must be there to take the request over
+        if held:
+            b2.mode = "unhealthy"
 
-    threading.Thread(target=die_later, daemon=True).start()
-    start = time.monotonic()
+    threading.Thread(target=die_once_it_holds_the_request, daemon=True).start()
     resp = gateway.chat()
+    assert b2.hung.is_set(), "the request never reached b2"
     assert resp.status_code == 200 and resp.json()["server"] == "b1", resp.text
-    assert time.monotonic() - start < 15
+    # b2 never answers: the gateway closed the request b2 held once b2 failed its checks (not
+    # on a timeout, which would have failed the request) and sent it to b1.
+    assert b2.cut.wait(10), "the gateway never closed the request b2 held"
 
 
 @needs_haproxy

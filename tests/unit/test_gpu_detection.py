@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import servekit_gpu as gpu  # ansible/module_utils, on pytest's pythonpath (pyproject.toml)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "gpu"
-sys.path.insert(0, str(ROOT / "ansible" / "module_utils"))
-
-import servekit_gpu as gpu  # noqa: E402
 
 
 def facts_for(name: str, proc_nvswitches: int = 0) -> dict:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import servekit_gpu as gpu  # ansible/module_utils, on pytest's pythonpath (pyproject.toml)
+import servekit_nvidia  # ansible/plugins/filter, likewise
 import yaml
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.parsing.dataloader import DataLoader
@@ -21,11 +22,6 @@ from ansible.template import Templar, trust_as_template
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "ansible" / "roles"
 FIXTURES = ROOT / "tests" / "fixtures" / "gpu"
-sys.path.insert(0, str(ROOT / "ansible" / "module_utils"))
-sys.path.insert(0, str(ROOT / "ansible" / "plugins" / "filter"))
-
-import servekit_gpu as gpu  # noqa: E402
-import servekit_nvidia  # noqa: E402
 
 LOADER = DataLoader()
 CUDA_REPOS = "https://developer.download.nvidia.com/compute/cuda/repos"

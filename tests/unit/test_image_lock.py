@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import stat
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -611,8 +610,7 @@ def test_status_table() -> None:
 def test_the_roles_filter_reads_the_digest_the_lock_holds(tmp_path):
     """What the roles run: ``name:tag@digest`` from the lock's text, ``name:tag@`` without
     an entry (preflight refuses that with the command to run)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ansible" / "plugins" / "filter"))
-    from servekit_images import locked_image
+    from servekit_images import locked_image  # ansible/plugins/filter (pytest's pythonpath)
 
     path = tmp_path / LOCK_NAME
     tag = "docker.io/vllm/vllm-openai:v0.32.0"

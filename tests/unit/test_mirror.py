@@ -410,3 +410,57 @@ def test_concurrent_requests_hash_once(tmp_path: Path) -> None:
     digests, hashed = asyncio.run(run())
     assert set(digests) == {_sha256(model_dir / BIG)}
     assert hashed == 1
+
+
+# --- starting a mirror ------------------------------------------------------------------------
+
+
+def test_a_mirror_that_cannot_start_says_why(tmp_path: Path) -> None:
+    from servekit.mirror.process import MirrorStartError
+
+    log = tmp_path / "mirror.log"
+    log.write_text("an earlier run's line\n")
+    with pytest.raises(MirrorStartError, match="exited with 2") as failed:
+        start_mirror(tmp_path / "missing", log, timeout=START_TIMEOUT)
+    assert "is not a directory" in str(failed.value)
+    assert "an earlier run's line" not in str(failed.value)  # only what this start wrote
+
+
+# --- the sandbox's mirror: detached, on a fixed address, stopped by its pid ------------------
+
+
+def test_the_sandbox_mirror_runs_detached_and_is_stopped_by_its_pid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from servekit.mirror.process import is_mirror
+    from servekit.sandbox import model_mirror
+    from servekit.sandbox.state import SandboxPaths
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(model_mirror, "MIRROR_PORT", port)
+    paths = SandboxPaths(tmp_path / "sandbox")
+    said: list[str] = []
+    pid = model_mirror.ensure_mirror(paths, "127.0.0.1", said.append)
+    try:
+        assert paths.mirror_pid.read_text().strip() == str(pid)
+        assert os.getsid(pid) == pid, "the mirror must run in a session of its own"
+        assert (paths.model / "config.json").is_file()  # the test model, generated
+        listing = requests.get(
+            f"http://127.0.0.1:{port}/api/v1/models/Qwen/Qwen3-8B/repo/files", timeout=10
+        )
+        assert listing.status_code == 200, listing.text
+        # A second `up` finds it running and keeps it.
+        assert model_mirror.ensure_mirror(paths, "127.0.0.1", said.append) == pid
+        assert said[-1] == f"  mirror already running (pid {pid})"
+    finally:
+        model_mirror.stop_mirror(paths, said.append)
+    assert said[-1] == f"  mirror stopped (pid {pid})"
+    assert not is_mirror(pid) and not paths.mirror_pid.exists()
+    assert model_mirror.running_pid(paths) is None
+    assert f"serving {paths.mirror_root.resolve()} on http://127.0.0.1:{port}" in (
+        paths.mirror_log.read_text()
+    )

@@ -10,7 +10,7 @@
 - prometheus.yml is generated from the inventory (`promtool check config` as the role runs it),
   with the exporters scraped on their monitoring address; node_exporter and the DCGM exporter
   listen on that address only (`monitoring_exporter_listen_address`).
-- `servekit.monitoring` finds and classifies every expression, for the live test.
+- `tests/promql.py` finds and classifies every expression, for the live test.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 import yaml
 from test_firewall import render
 
-from servekit import monitoring
+from tests import promql
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / "ansible"
@@ -39,7 +39,7 @@ VLLM_METRICS = FIXTURES / "vllm" / "qwen3" / "metrics.txt"
 DCGM_METRICS = FIXTURES / "dcgm" / "metrics.txt"
 COUNTERS = ROLE / "templates" / "dcgm-counters.csv.j2"
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
-ALERTS = {e.name for e in monitoring.rule_expressions(monitoring.RULES_TEMPLATE)}
+ALERTS = {e.name for e in promql.rule_expressions(promql.RULES_TEMPLATE)}
 
 
 def _promtool() -> str:
@@ -57,7 +57,7 @@ def _promtool_run(*args: str, cwd: Path | None = None, stdin: str | None = None)
 
 
 def _rules_dir(tmp_path: Path, **overrides) -> Path:
-    (tmp_path / "servekit-alerts.yml").write_text(monitoring.render_rules(overrides=overrides))
+    (tmp_path / "servekit-alerts.yml").write_text(promql.render_rules(overrides=overrides))
     return tmp_path
 
 
@@ -100,7 +100,7 @@ def test_rules_render_the_same_with_ansible(tmp_path):
                         {
                             "name": "Render the rules",
                             "ansible.builtin.template": {
-                                "src": str(monitoring.RULES_TEMPLATE),
+                                "src": str(promql.RULES_TEMPLATE),
                                 "dest": str(tmp_path / "ansible.yml"),
                                 "mode": "0644",
                             },
@@ -118,7 +118,7 @@ def test_rules_render_the_same_with_ansible(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert monitoring.render_rules() == (tmp_path / "ansible.yml").read_text()
+    assert promql.render_rules() == (tmp_path / "ansible.yml").read_text()
 
 
 def test_promtool_unit_tests_pass(tmp_path):
@@ -154,10 +154,10 @@ def test_every_alert_has_a_firing_and_a_silent_case():
 def test_thresholds_are_role_variables(tmp_path):
     """Every monitoring_alert_* default reaches the rules; changing one changes the rules."""
     defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
-    template = monitoring.RULES_TEMPLATE.read_text()
+    template = promql.RULES_TEMPLATE.read_text()
     for name in (n for n in defaults if n.startswith("monitoring_alert_")):
         assert name in template, f"{name} is not used by the alert rules"
-    rules = monitoring.render_rules(
+    rules = promql.render_rules(
         overrides={"monitoring_alert_kv_cache_usage": 0.75, "monitoring_alert_ttft_p95_seconds": 7}
     )
     assert "vllm:kv_cache_usage_perc > 0.75" in rules
@@ -181,17 +181,17 @@ DCGM_TARGET = {"job": "dcgm", "instance": "gpu-1:9400", "host": "gpu-1"}
 
 
 def _recorded_series(path: Path, target: dict[str, str]) -> list[dict]:
-    samples = monitoring.parse_exposition(path.read_text())
-    up = {"series": monitoring._series_selector("up", target), "values": "1x40"}
-    return [up, *monitoring.promtool_input_series(samples, target, steps=40)]
+    samples = promql.parse_exposition(path.read_text())
+    up = {"series": promql._series_selector("up", target), "values": "1x40"}
+    return [up, *promql.promtool_input_series(samples, target, steps=40)]
 
 
 def test_vllm_recording_has_every_vllm_metric_the_expressions_read():
-    recorded = {s.name for s in monitoring.parse_exposition(VLLM_METRICS.read_text())}
+    recorded = {s.name for s in promql.parse_exposition(VLLM_METRICS.read_text())}
     used = {
         name
-        for e in monitoring.expressions()
-        for name in monitoring.metric_names(e.expr)
+        for e in promql.expressions()
+        for name in promql.metric_names(e.expr)
         if name.startswith("vllm:")
     }
     assert used, "no vLLM expressions found"
@@ -200,13 +200,11 @@ def test_vllm_recording_has_every_vllm_metric_the_expressions_read():
 
 def test_dashboard_vllm_queries_return_data_on_the_recording(tmp_path):
     """Each vLLM panel query, evaluated over the real server's series, returns something."""
-    queries = [
-        e for e in monitoring.dashboard_expressions(monitoring.DASHBOARD) if e.concerns == {"vllm"}
-    ]
+    queries = [e for e in promql.dashboard_expressions(promql.DASHBOARD) if e.concerns == {"vllm"}]
     assert len(queries) >= 8
     checks = [
         {
-            "expr": f"count({monitoring.grafana_substitute(e.expr)}) > bool 0",
+            "expr": f"count({promql.grafana_substitute(e.expr)}) > bool 0",
             "eval_time": "9m",
             "exp_samples": [{"labels": "{}", "value": 1}],
         }
@@ -229,9 +227,7 @@ def test_dashboard_vllm_queries_return_data_on_the_recording(tmp_path):
 def test_idle_recorded_vllm_raises_no_alert(tmp_path):
     """A healthy idle server (the recording) raises none of the vLLM alerts."""
     vllm_alerts = [
-        e.name
-        for e in monitoring.rule_expressions(monitoring.RULES_TEMPLATE)
-        if e.concerns == {"vllm"}
+        e.name for e in promql.rule_expressions(promql.RULES_TEMPLATE) if e.concerns == {"vllm"}
     ]
     assert "VllmMetricsMissing" in vllm_alerts
     _assert_silent(tmp_path, _recorded_series(VLLM_METRICS, VLLM_TARGET), vllm_alerts)
@@ -239,7 +235,7 @@ def test_idle_recorded_vllm_raises_no_alert(tmp_path):
 
 def test_dcgm_recording_is_valid_exposition_text():
     _promtool_run("check", "metrics", stdin=DCGM_METRICS.read_text())
-    assert {s.name for s in monitoring.parse_exposition(DCGM_METRICS.read_text())} == {
+    assert {s.name for s in promql.parse_exposition(DCGM_METRICS.read_text())} == {
         "DCGM_FI_DEV_SM_CLOCK",
         "DCGM_FI_DEV_MEM_CLOCK",
         "DCGM_FI_DEV_MEMORY_TEMP",
@@ -250,9 +246,7 @@ def test_dcgm_alerts_stay_silent_on_the_recording(tmp_path):
     """The recorded GPU reports DCGM's not-supported sentinel as its memory temperature: the
     memory temperature alert must not take it for heat; the recorded series are there."""
     gpu_alerts = [
-        e.name
-        for e in monitoring.rule_expressions(monitoring.RULES_TEMPLATE)
-        if e.concerns == {"dcgm"}
+        e.name for e in promql.rule_expressions(promql.RULES_TEMPLATE) if e.concerns == {"dcgm"}
     ]
     assert "GpuMemoryTemperatureHigh" in gpu_alerts
     recorded_temperature = {
@@ -309,14 +303,14 @@ def test_dcgm_expressions_read_fields_the_exporter_collects():
     assert not any(name.startswith("DCGM_FI_PROF_") for name in fields), "DCP needs SYS_ADMIN"
     used = {
         name
-        for e in monitoring.expressions()
-        for name in monitoring.metric_names(e.expr)
+        for e in promql.expressions()
+        for name in promql.metric_names(e.expr)
         if name.startswith("DCGM_")
     }
     assert used, "no DCGM expressions found"
     missing = sorted(n for n in used if fields.get(n) not in ("gauge", "counter"))
     assert not missing, f"not collected by dcgm-counters.csv.j2: {missing}"
-    recorded = {s.name for s in monitoring.parse_exposition(DCGM_METRICS.read_text())}
+    recorded = {s.name for s in promql.parse_exposition(DCGM_METRICS.read_text())}
     assert recorded <= set(fields)
 
 
@@ -324,11 +318,11 @@ def test_dcgm_expressions_read_fields_the_exporter_collects():
 
 
 def test_dashboard_is_importable_as_is():
-    dashboard = json.loads(monitoring.DASHBOARD.read_text())
+    dashboard = json.loads(promql.DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    panels = list(monitoring._panels(dashboard["panels"]))
+    panels = list(promql._panels(dashboard["panels"]))
     assert len({p["id"] for p in panels}) == len(panels)
     for panel in panels:
         if panel["type"] == "row":
@@ -357,7 +351,7 @@ def test_dashboard_is_importable_as_is():
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """promtool parses each query (Grafana variables substituted) as a recording rule."""
-    queries = monitoring.dashboard_expressions(monitoring.DASHBOARD)
+    queries = promql.dashboard_expressions(promql.DASHBOARD)
     rules = {
         "groups": [
             {
@@ -365,7 +359,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
                 "rules": [
                     {
                         "record": f"servekit:dashboard:{i}",
-                        "expr": monitoring.grafana_substitute(e.expr),
+                        "expr": promql.grafana_substitute(e.expr),
                     }
                     for i, e in enumerate(queries)
                 ],
@@ -562,16 +556,16 @@ def test_readiness_waits_probe_the_monitoring_address():
     assert names.index("Reload exporters firewall") < names.index("Restart dcgm exporter")
 
 
-# --- servekit.monitoring -------------------------------------------------------------------------
+# --- tests/promql.py -----------------------------------------------------------------------------
 
 
 def test_expressions_lists_every_panel_query_and_alert():
-    found = monitoring.expressions(monitoring.DASHBOARD, monitoring.RULES_TEMPLATE)
+    found = promql.expressions(promql.DASHBOARD, promql.RULES_TEMPLATE)
     rules = [e for e in found if e.source == "rules"]
     panels = [e for e in found if e.source == "dashboard"]
     assert {e.name for e in rules} == ALERTS
-    dashboard = json.loads(monitoring.DASHBOARD.read_text())
-    targets = sum(len(p.get("targets", [])) for p in monitoring._panels(dashboard["panels"]))
+    dashboard = json.loads(promql.DASHBOARD.read_text())
+    targets = sum(len(p.get("targets", [])) for p in promql._panels(dashboard["panels"]))
     assert len(panels) == targets
     assert all(e.concerns and e.concerns <= {"vllm", "host", "dcgm"} for e in found)
     by_name = {e.name: e for e in found}
@@ -583,18 +577,16 @@ def test_expressions_lists_every_panel_query_and_alert():
 
 def test_expressions_reads_a_rendered_rules_file_too(tmp_path):
     rendered = _rules_dir(tmp_path) / "servekit-alerts.yml"
-    assert monitoring.rule_expressions(rendered) == monitoring.rule_expressions(
-        monitoring.RULES_TEMPLATE
-    )
+    assert promql.rule_expressions(rendered) == promql.rule_expressions(promql.RULES_TEMPLATE)
 
 
 def test_classify():
-    assert monitoring.classify('up{job="vllm"} == 0') == {"vllm"}
-    assert monitoring.classify('up{job="node"}') == {"host"}
-    assert monitoring.classify("rate(vllm:prompt_tokens_total[5m])") == {"vllm"}
-    assert monitoring.classify("DCGM_FI_DEV_GPU_TEMP > 85") == {"dcgm"}
-    assert monitoring.classify("node_filesystem_avail_bytes * servekit_x") == {"host"}
-    assert monitoring.classify("vllm:num_requests_running and DCGM_FI_DEV_GPU_UTIL") == {
+    assert promql.classify('up{job="vllm"} == 0') == {"vllm"}
+    assert promql.classify('up{job="node"}') == {"host"}
+    assert promql.classify("rate(vllm:prompt_tokens_total[5m])") == {"vllm"}
+    assert promql.classify("DCGM_FI_DEV_GPU_TEMP > 85") == {"dcgm"}
+    assert promql.classify("node_filesystem_avail_bytes * servekit_x") == {"host"}
+    assert promql.classify("vllm:num_requests_running and DCGM_FI_DEV_GPU_UTIL") == {
         "vllm",
         "dcgm",
     }
@@ -602,12 +594,12 @@ def test_classify():
 
 def test_grafana_substitute():
     expr = 'rate(vllm:x{host=~"$host", model_name=~"${model_name}"}[$__rate_interval])'
-    assert monitoring.grafana_substitute(expr) == 'rate(vllm:x{host=~".*", model_name=~".*"}[1m])'
-    assert monitoring.grafana_substitute(expr, {"host": "gpu-1"}, "5m") == (
+    assert promql.grafana_substitute(expr) == 'rate(vllm:x{host=~".*", model_name=~".*"}[1m])'
+    assert promql.grafana_substitute(expr, {"host": "gpu-1"}, "5m") == (
         'rate(vllm:x{host=~"gpu-1", model_name=~".*"}[5m])'
     )
     with pytest.raises(KeyError, match=r"\$nope"):
-        monitoring.grafana_substitute("up{x=~'$nope'}")
+        promql.grafana_substitute("up{x=~'$nope'}")
 
 
 def test_parse_exposition():
@@ -617,16 +609,16 @@ def test_parse_exposition():
         "b 2 1700000000000\n"
         'c_bucket{le="+Inf"} +Inf\n'
     )
-    samples = monitoring.parse_exposition(text)
+    samples = promql.parse_exposition(text)
     assert [(s.name, s.labels, s.value) for s in samples[:2]] == [
         ("a", {"x": 'q"w\\', "y": ""}, 1.5),
         ("b", {}, 2.0),
     ]
     assert samples[2].value == float("inf")
-    series = monitoring.promtool_input_series(samples[:1], {"job": "j"}, steps=3)
+    series = promql.promtool_input_series(samples[:1], {"job": "j"}, steps=3)
     assert series == [{"series": 'a{job="j", x="q\\"w\\\\", y=""}', "values": "1.5x3"}]
     with pytest.raises(ValueError):
-        monitoring.parse_exposition("not a sample line at all {")
+        promql.parse_exposition("not a sample line at all {")
 
 
 # --- preflight: can Prometheus read every server's /metrics? ------------------------------------

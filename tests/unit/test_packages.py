@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from servekit_packages import dpkg_query_argv, dpkg_unheld, dpkg_unmet  # ansible/plugins/filter
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "ansible" / "plugins" / "filter"))
-
-from servekit_packages import dpkg_query_argv, dpkg_unheld, dpkg_unmet  # noqa: E402 (path set above)
 
 # What dpkg-query prints with the roles' format on a converged host, a held package included.
 CONVERGED = (

@@ -702,11 +702,23 @@ def test_stream_answered_as_plain_json_fails(fake):
     )
 
 
-def test_connection_refused_names_the_url_and_fails_fast():
-    url = f"http://127.0.0.1:{free_port()}"
-    start = time.monotonic()
+def test_connection_refused_names_the_url_and_fails_fast(monkeypatch):
+    """A refused connection ends the run at once: one connection attempt, no retry, and the
+    other probes are not attempted (none of them waits out its timeout)."""
+    import urllib3.util.connection
+
+    attempts: list[tuple] = []
+    connect = urllib3.util.connection.create_connection
+
+    def counted(address, *args, **kwargs):
+        attempts.append(address)
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counted)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     run = run_probes(url, MODEL, timeout=10)
-    assert time.monotonic() - start < 5
+    assert attempts == [("127.0.0.1", port)]
     assert not run.ok
     assert all(r.failed for r in run.results)
     first, *rest = run.results

@@ -1,4 +1,4 @@
-"""Sandbox image recipes and manager helpers that need no Docker engine."""
+"""Sandbox image recipes, and the sandbox's host and state helpers that need no Docker engine."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from servekit.images import vllm_version
-from servekit.sandbox import images, manager
+from servekit.sandbox import fleet, hosts, images, state
 from servekit.sandbox.common import repo_root, state_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -256,15 +256,15 @@ def test_paths(monkeypatch, tmp_path):
 
 
 def test_host_naming_and_ports():
-    assert manager.host_container(1) == "servekit-sandbox-1"
-    assert manager.host_hostname(2) == "sandbox-2"
-    assert manager.host_volume(3) == "servekit-sandbox-3-docker"
-    assert (manager.ssh_port(1), manager.api_port(1)) == (2222, 8000)
-    assert (manager.ssh_port(2), manager.api_port(2)) == (2223, 8001)
+    assert state.host_container(1) == "servekit-sandbox-1"
+    assert state.host_hostname(2) == "sandbox-2"
+    assert state.host_volume(3) == "servekit-sandbox-3-docker"
+    assert (state.ssh_port(1), fleet.api_port(1)) == (2222, 8000)
+    assert (state.ssh_port(2), fleet.api_port(2)) == (2223, 8001)
 
 
 def test_host_container_settings():
-    kw = manager._host_run_kwargs(1, "172.17.0.1")
+    kw = hosts.host_run_kwargs(1, "172.17.0.1")
     assert kw["labels"]["servekit.role"] == "sandbox-host"
     assert set(kw["cap_add"]) == {"SYS_ADMIN", "NET_ADMIN"}
     assert "privileged" not in kw
@@ -279,7 +279,7 @@ def test_host_container_settings():
 
 
 def test_authorized_keys_tar():
-    data = manager._authorized_keys_tar("ssh-ed25519 AAAA test\n")
+    data = hosts.authorized_keys_tar("ssh-ed25519 AAAA test\n")
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         members = {m.name: m for m in tar.getmembers()}
         assert members[".ssh"].isdir() and members[".ssh"].mode == 0o700
@@ -289,10 +289,10 @@ def test_authorized_keys_tar():
 
 
 def test_state_round_trip():
-    host = manager.SandboxHost(
+    host = state.SandboxHost(
         1, "servekit-sandbox-1", "sandbox-1", "abc", "127.0.0.1", 2222, 8000, "v"
     )
-    state = manager.SandboxState(
+    recorded = state.SandboxState(
         hosts=[host],
         ssh_user="root",
         ssh_key="/k",
@@ -304,15 +304,15 @@ def test_state_round_trip():
         images={"base": "servekit/base:0123456789ab"},
         vllm_image="servekit-control:5000/servekit/vllm-cpu@sha256:00",
     )
-    assert manager.SandboxState.from_dict(state.to_dict()) == state
+    assert state.SandboxState.from_dict(recorded.to_dict()) == recorded
 
 
 def test_ssh_command():
-    cmd = manager.ssh_command(2222, Path("/k"), Path("/kh"))
+    cmd = hosts.ssh_command(2222, Path("/k"), Path("/kh"))
     assert cmd[:5] == ["ssh", "-i", "/k", "-p", "2222"]
     assert "StrictHostKeyChecking=yes" in cmd and "UserKnownHostsFile=/kh" in cmd
     assert cmd[-1] == "root@127.0.0.1"
-    assert "UserKnownHostsFile=/dev/null" in manager.ssh_command(2222, Path("/k"))
+    assert "UserKnownHostsFile=/dev/null" in hosts.ssh_command(2222, Path("/k"))
 
 
 # --- engine --------------------------------------------------------------------------------
@@ -358,9 +358,9 @@ def test_up_only_prunes_hosts_it_made(monkeypatch):
         Fake("other", {"servekit.sandbox.index": "7"}),
     ]
     removed: list[str] = []
-    monkeypatch.setattr(manager, "_sandbox_containers", lambda client, role: containers)
+    monkeypatch.setattr(hosts, "sandbox_containers", lambda client, role: containers)
     monkeypatch.setattr(
-        manager, "_remove_container", lambda client, c, progress: removed.append(c.name)
+        hosts, "remove_container", lambda client, c, progress: removed.append(c.name)
     )
-    manager._remove_extra_hosts(None, 1, print)
+    hosts.remove_extra_hosts(None, 1, print)
     assert removed == ["servekit-sandbox-3"]

@@ -6,19 +6,25 @@ checks use to read the vLLM unit (against the unit the role renders).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import textwrap
 import threading
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from servekit import verify
+from servekit import inventory as inventory_module
 from servekit.images import vllm_version
-from servekit.inventory import API_KEY_ENV, ProbeTarget, group_hosts, is_unresolved, probe_targets
+from servekit.images.registry import parse_reference
+from servekit.inventory import (
+    API_KEY_ENV,
+    Inventory,
+    ProbeTarget,
+    group_hosts,
+    is_unresolved,
+    probe_targets,
+)
 from servekit.probe import ProbeResult, ProbeRun
 from servekit.verify import (
     HostChecks,
@@ -27,9 +33,12 @@ from servekit.verify import (
     check_hosts,
     host_checks_as_runs,
     host_checks_rc,
+    host_facts,
     parse_junit,
     probe_all,
+    run,
     to_verify_json,
+    write_verify_json,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,6 +166,7 @@ def test_is_unresolved():
 
 HOST_TESTS = """
 import time
+from pathlib import Path
 
 import pytest
 
@@ -172,12 +182,19 @@ def broken(name):
 
 
 def test_reaches_the_host(host, name):
-    stamps = host.ansible.get_variables()["stamps"]
-    start = time.time()
-    time.sleep(1.0)
+    # A barrier across the hosts' processes: each says it has arrived, then waits for all
+    # the others. Checks run one host after another would never meet here.
+    variables = host.ansible.get_variables()
+    stamps, everyone = Path(variables["stamps"]), variables["groups"]["gpu_hosts"]
+    (stamps / f"{name}.arrived").touch()
+    deadline = time.monotonic() + 60
+    while not all((stamps / f"{h}.arrived").exists() for h in everyone):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    met = all((stamps / f"{h}.arrived").exists() for h in everyone)
+    (stamps / name).write_text("met" if met else "alone")
     assert host.run("true").rc == 0
-    with open(f"{stamps}/{name}", "w") as f:
-        f.write(f"{start} {time.time()}")
 
 
 def test_role(host, name):
@@ -222,12 +239,9 @@ def test_host_checks_run_per_host_in_parallel_and_report_each(local_fleet, tmp_p
     results = check_hosts(["web-1", "web-2"], inventory, reports, tests=tests, cwd=tmp_path)
     one, two = results
     assert [one.host, two.host] == ["web-1", "web-2"]
-    # the two hosts' checks ran at the same time: their one-second tests overlap
-    spans = [
-        [float(x) for x in (tmp_path / "stamps" / h).read_text().split()]
-        for h in ("web-1", "web-2")
-    ]
-    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+    # the two hosts' checks ran at the same time: each found the other at the barrier
+    met = {h: (tmp_path / "stamps" / h).read_text() for h in ("web-1", "web-2")}
+    assert met == {"web-1": "met", "web-2": "met"}
 
     assert one.ok and one.rc == 0
     assert [(t.name, t.status) for t in one.tests] == [
@@ -282,27 +296,96 @@ def test_no_hosts_is_a_failure(tmp_path):
     assert ET.parse(tmp_path / "hosts.junit.xml").getroot().get("tests") == "0"
 
 
+def test_the_shipped_model_check_hashes_the_files_only_when_deep(tmp_path):
+    """test_host.py's manifest check, run by pytest-testinfra on this machine: sizes always,
+    the SHA-256 of every byte with --deep (a same-size change is caught only then)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    model = tmp_path / "models" / "test" / "m"
+    (model / "v1" / "sub").mkdir(parents=True)
+    (model / "current").symlink_to("v1")
+    files = {"config.json": b'{"a": 1}', "sub/w.bin": bytes(range(256)) * 64}
+    for rel, data in files.items():
+        (model / "v1" / rel).write_bytes(data)
+    manifest = {
+        rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for rel, data in files.items()
+    }
+    (model / "v1" / ".servekit-manifest.json").write_text(json.dumps({"files": manifest}))
+    inventory = write_inventory(
+        tmp_path,
+        f"""
+        all:
+          children:
+            gpu_hosts:
+              hosts:
+                m-1:
+                  ansible_connection: local
+                  servekit_model_root: {tmp_path / "models"}
+                  servekit_model_id: test/m
+        """,
+    )
+
+    def check(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                str(run.HOST_CHECKS / "test_host.py"),
+                "-k",
+                "test_model_matches_its_manifest",
+                "--hosts=ansible://m-1",
+                f"--ansible-inventory={inventory}",
+                "-p",
+                "no:cacheprovider",
+                "-q",
+                "-s",
+                *extra,
+            ],
+            cwd=ROOT,
+            env=run._pytest_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    deep = check("--deep")
+    assert deep.returncode == 0, deep.stdout + deep.stderr
+    assert "report: 2 files, SHA-256 of every byte matches the manifest" in deep.stdout
+    (model / "v1" / "sub" / "w.bin").write_bytes(b"\xff" + files["sub/w.bin"][1:])
+    quick = check()  # the size is the same
+    assert quick.returncode == 0, quick.stdout + quick.stderr
+    assert "report: 2 files, sizes checked" in quick.stdout
+    corrupt = check("--deep")
+    assert corrupt.returncode == 1
+    assert "sub/w.bin: expected " + manifest["sub/w.bin"]["sha256"] in corrupt.stdout
+
+
 # ---------------------------------------------------------------------- JUnit parsing
 
 PYTEST_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites name="pytest tests"><testsuite name="pytest" errors="1" failures="1" skipped="1"
  tests="5" time="3.1" hostname="ctl">
-<testcase classname="tests.infra.test_host"
+<testcase classname="src.servekit.verify.host_checks.test_host"
  name="test_docker_is_active_and_enabled[ansible://gpu-01]" time="0.120" />
-<testcase classname="tests.infra.test_host"
+<testcase classname="src.servekit.verify.host_checks.test_host"
  name="test_env_file_is_private[ansible://gpu-01]" time="0.050">
  <failure message="AssertionError: expected /etc/vllm/vllm.env mode 0o600, got 0o644&#10;assert 4"
  >long traceback</failure></testcase>
-<testcase classname="tests.infra.test_gpu"
+<testcase classname="src.servekit.verify.host_checks.test_gpu"
  name="test_driver_version_is_pinned[ansible://gpu-01]" time="0.001">
  <skipped type="pytest.skip" message="servekit_accelerator is 'cpu': not a GPU host"
  >test_gpu.py:88: servekit_accelerator is 'cpu'</skipped></testcase>
-<testcase classname="tests.infra.test_host"
+<testcase classname="src.servekit.verify.host_checks.test_host"
  name="test_teardown_breaks[ansible://gpu-01]" time="0.300" />
-<testcase classname="tests.infra.test_host"
+<testcase classname="src.servekit.verify.host_checks.test_host"
  name="test_teardown_breaks[ansible://gpu-01]" time="0.010">
  <error message="failed on teardown with &quot;Failed: cleanup broke&quot;">tb</error></testcase>
-<testcase classname="tests.infra.test_host" name="test_param[ansible://gpu-01-a]"
+<testcase classname="src.servekit.verify.host_checks.test_host"
+ name="test_param[ansible://gpu-01-a]"
  time="0.010" />
 </testsuite></testsuites>
 """
@@ -360,23 +443,29 @@ def test_probe_all_groups_targets_that_agree_and_keeps_the_order(monkeypatch):
     calls: list[tuple[list, str | None, str]] = []
     threads: set[int] = set()
     lock = threading.Lock()
+    # Each group's call waits here for the other: calls made one after the other never meet.
+    both = threading.Barrier(2, timeout=10)
+    met: list[bool] = []
 
     def fake_probe_targets(pairs, model, api_key=None, **kwargs):
         with lock:
             calls.append((pairs, api_key, model))
             threads.add(threading.get_ident())
-        time.sleep(0.2)
+        try:
+            both.wait()
+            met.append(True)
+        except threading.BrokenBarrierError:
+            met.append(False)
         return [ProbeRun(name, url, model=model) for name, url in pairs]
 
-    monkeypatch.setattr(verify, "probe_targets", fake_probe_targets)
+    monkeypatch.setattr(run, "probe_targets", fake_probe_targets)
     targets = [
         ProbeTarget("a", "http://a:8000", "Qwen3-8B", "k1", 8192, "qwen3"),
         ProbeTarget("b", "http://b:8000", "Qwen3-8B", "k2", 8192, "qwen3"),
         ProbeTarget("c", "http://c:8000", "Qwen3-8B", "k1", 8192, "qwen3"),
     ]
-    start = time.monotonic()
     runs = probe_all(targets)
-    assert time.monotonic() - start < 0.35  # the two groups ran side by side
+    assert met == [True, True]  # the two groups ran side by side
     assert [r.target for r in runs] == ["a", "b", "c"]
     assert sorted((tuple(n for n, _ in pairs), key) for pairs, key, _ in calls) == [
         (("a", "c"), "k1"),
@@ -457,7 +546,7 @@ def test_verify_json_has_host_checks_and_probes_per_host(tmp_path):
     assert two["host_checks"]["tests"][0]["detail"] == "expected 0o600"
     assert two["probes"]["ok"] is True  # probes passed, host checks did not
 
-    path = verify.write_verify_json(result, tmp_path, "inv.yml", "gpu_hosts")
+    path = write_verify_json(result, tmp_path, "inv.yml", "gpu_hosts")
     assert path == tmp_path / "verify.json"
     assert json.loads(path.read_text())["hosts"]["gpu-02"]["host_checks"]["rc"] == 1
 
@@ -482,13 +571,11 @@ def test_host_checks_render_as_a_table_per_host():
 
 def test_run_verify_writes_every_report(monkeypatch, tmp_path, capsys):
     result = sample_result()
-    groups = {"gpu_hosts": ["gpu-01", "gpu-02"]}
-    monkeypatch.setattr(verify, "group_hosts", lambda inv, group: groups.get(group, []))
-    monkeypatch.setattr(verify, "check_hosts", lambda *a, **k: result.hosts)
-    monkeypatch.setattr(verify, "inventory_targets", lambda inv, group: [])
-    monkeypatch.setattr(verify, "gateway_targets", lambda inv, group, backends: [])
-    monkeypatch.setattr(verify, "probe_all", lambda targets, timeout: result.runs)
-    got = verify.run_verify(Path("inv.yml"), tmp_path, "gpu_hosts")
+    data = {"gpu_hosts": {"hosts": ["gpu-01", "gpu-02"]}, "_meta": {"hostvars": {}}}
+    monkeypatch.setattr(inventory_module, "load_inventory", lambda path: data)
+    monkeypatch.setattr(run, "check_hosts", lambda *a, **k: result.hosts)
+    monkeypatch.setattr(run, "probe_all", lambda targets, timeout: result.runs)
+    got = run.run_verify(Path("inv.yml"), tmp_path, "gpu_hosts")
     assert not got.ok and got.host_checks_rc == 1
     assert {p.name for p in tmp_path.iterdir()} == {
         "verify.json",
@@ -500,17 +587,53 @@ def test_run_verify_writes_every_report(monkeypatch, tmp_path, capsys):
     assert "host checks of gpu-02 (pytest output)" in out
 
 
+def test_run_verify_reads_the_inventory_once(monkeypatch, tmp_path, fleet):
+    """Hosts, gateways, probe targets and their backends: one `ansible-inventory --list`."""
+    reads: list[Path] = []
+    real = inventory_module.load_inventory
+
+    def counted(path):
+        reads.append(Path(path))
+        return real(path)
+
+    seen: dict = {}
+
+    def fake_check_hosts(hosts, inventory, report_dir, jobs, tests_for=None, deep=False):
+        seen.update(hosts=list(hosts), deep=deep)
+        return [HostChecks(h, 0, [HostTest("t.py::t", "PASS", 0.1)]) for h in hosts]
+
+    def fake_probe_all(targets, timeout):
+        seen["targets"] = [t.host for t in targets]
+        return [ProbeRun(t.host, t.url, [ProbeResult("health", True, "", 0.0)]) for t in targets]
+
+    monkeypatch.setattr(inventory_module, "load_inventory", counted)
+    monkeypatch.setattr(run, "check_hosts", fake_check_hosts)
+    monkeypatch.setattr(run, "probe_all", fake_probe_all)
+    got = run.run_verify(fleet, tmp_path, deep=True)
+    assert got.ok
+    assert reads == [fleet]
+    assert seen == {
+        "hosts": ["gpu-01", "gpu-02", "gpu-03", "gpu-04"],
+        "deep": True,
+        "targets": ["gpu-01", "gpu-02", "gpu-03", "gpu-04"],
+    }
+    # A read answers every question asked of it, without reading again.
+    read = Inventory.read(fleet)
+    assert read.hosts("other") == ["web-01"]
+    assert [t.url for t in probe_targets(read, env={})][:2] == [
+        "http://10.0.0.1:8000",
+        "http://10.0.0.2:8000",
+    ]
+    assert reads == [fleet, fleet]
+
+
+def test_deep_host_checks_get_the_option(tmp_path):
+    command = run._pytest_command("h", tmp_path / "inv", tmp_path / "j.xml", tmp_path, deep=True)
+    assert command[-1] == "--deep"
+    assert "--deep" not in run._pytest_command("h", tmp_path / "inv", tmp_path / "j.xml", tmp_path)
+
+
 # ---------------------------------------------------------------------- host-check helpers
-
-
-def infra_conftest():
-    spec = importlib.util.spec_from_file_location(
-        "servekit_infra_conftest", ROOT / "tests" / "infra" / "conftest.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def render_unit(tmp_path: Path, **extra) -> str:
@@ -532,8 +655,7 @@ SANDBOX_IMAGE = (
 def test_the_unit_image_and_gpu_arguments_are_read_from_exec_start(tmp_path):
     from test_vllm_unit import DIGEST, GPU_REPOSITORY
 
-    c = infra_conftest()
-    sandbox = c.exec_start_args(
+    sandbox = host_facts.exec_start_args(
         render_unit(
             tmp_path,
             servekit_accelerator="cpu",
@@ -543,15 +665,15 @@ def test_the_unit_image_and_gpu_arguments_are_read_from_exec_start(tmp_path):
         )
     )
     assert sandbox[:2] == ["/usr/bin/docker", "run"]
-    assert c.image_of(sandbox) == SANDBOX_IMAGE
-    assert c.gpu_args_of(sandbox) == []
+    assert host_facts.image_of(sandbox) == SANDBOX_IMAGE
+    assert host_facts.gpu_args_of(sandbox) == []
     assert "--ipc=host" in sandbox
 
-    gpu = c.exec_start_args(render_unit(tmp_path, servekit_accelerator="gpu"))
+    gpu = host_facts.exec_start_args(render_unit(tmp_path, servekit_accelerator="gpu"))
     default_image = f"{GPU_REPOSITORY}:v{vllm_version(ROOT)}@{DIGEST}"
-    assert c.image_of(gpu) == default_image
-    assert c.gpu_args_of(gpu) == ["--gpus", "all"]
-    cdi = c.exec_start_args(
+    assert host_facts.image_of(gpu) == default_image
+    assert host_facts.gpu_args_of(gpu) == ["--gpus", "all"]
+    cdi = host_facts.exec_start_args(
         render_unit(
             tmp_path,
             servekit_accelerator="gpu",
@@ -559,32 +681,38 @@ def test_the_unit_image_and_gpu_arguments_are_read_from_exec_start(tmp_path):
             vllm_service_shm_size="16g",
         )
     )
-    assert c.gpu_args_of(cdi) == ["--device", "nvidia.com/gpu=all"]
-    assert c.image_of(cdi) == default_image
+    assert host_facts.gpu_args_of(cdi) == ["--device", "nvidia.com/gpu=all"]
+    assert host_facts.image_of(cdi) == default_image
 
 
 def test_image_references_compare_the_way_repo_digests_show_them():
-    c = infra_conftest()
+    """The pinned-image check compares (registry, repository, digest) of the configured image
+    with those of the image's RepoDigests, which Docker writes without docker.io/library."""
     digest = "sha256:" + "7b5cf896b0105374bebb974c0529d47913364f33161c5ca155452f1e29e96ee1"
-    configured = c.split_image(f"docker.io/vllm/vllm-openai:v0.13.0@{digest}")
-    assert configured == ("vllm/vllm-openai", "v0.13.0", digest)
-    assert c.split_image(f"vllm/vllm-openai@{digest}")[::2] == configured[::2]
-    assert c.split_image("docker.io/library/ubuntu:24.04") == ("ubuntu", "24.04", None)
-    assert c.split_image(SANDBOX_IMAGE) == (
-        "servekit-control:5000/servekit/vllm-cpu",
-        None,
-        SANDBOX_IMAGE.split("@")[1],
+    configured = parse_reference(f"docker.io/vllm/vllm-openai:v0.13.0@{digest}")
+    repo_digest = parse_reference(f"vllm/vllm-openai@{digest}")  # as RepoDigests shows it
+    assert (configured.registry, configured.repository, configured.digest) == (
+        repo_digest.registry,
+        repo_digest.repository,
+        repo_digest.digest,
     )
+    assert configured.tag == "v0.13.0" and repo_digest.tag is None
+    assert parse_reference("ubuntu:24.04").name == "docker.io/library/ubuntu:24.04"
+    sandbox = parse_reference(SANDBOX_IMAGE)
+    assert (sandbox.registry, sandbox.repository) == ("servekit-control:5000", "servekit/vllm-cpu")
+    assert sandbox.digest == SANDBOX_IMAGE.split("@")[1]
 
 
 def test_role_defaults_feed_the_host_checks():
-    c = infra_conftest()
-    defaults = c.role_defaults()
+    defaults = host_facts.host_defaults()
     assert defaults["nvidia_driver_version"] == "580.126.20"
     assert defaults["nvidia_container_toolkit_version"] == "1.19.1"
     assert defaults["vllm_service_port"] == 8000
+    assert defaults["vllm_service_health_interval"] == 15  # the restart-stability window
+    assert defaults["servekit_model_root"] == "/opt/models"
     assert "vllm_service_model_path" not in defaults  # a template: unknown without Ansible
-    assert c.redact("ExecStart=x --api-key sk-1", "sk-1") == "ExecStart=x --api-key <API key>"
-    assert c.redact("x --api-key=abc VLLM_API_KEY=def", None) == (
+    redact = host_facts.redact
+    assert redact("ExecStart=x --api-key sk-1", "sk-1") == "ExecStart=x --api-key <API key>"
+    assert redact("x --api-key=abc VLLM_API_KEY=def", None) == (
         "x --api-key=<redacted> VLLM_API_KEY=<redacted>"
     )

@@ -66,14 +66,21 @@ def parse_reference(ref: str) -> ImageRef:
     ``ref`` is ``name``, ``name:tag``, ``name@sha256:...`` or ``name:tag@sha256:...``; the tag
     is None when absent (no implied ``latest``).
     """
+    name, tag, digest = split_reference(ref)
+    registry, repository = _split_registry(name, ref)
+    return ImageRef(registry, repository, tag, digest)
+
+
+def split_reference(ref: str) -> tuple[str, str | None, str | None]:
+    """``name[:tag][@sha256:...]`` -> (name as written, tag, digest); tag and digest are None
+    when absent. The name is not normalised (``parse_reference`` does that)."""
     if not isinstance(ref, str) or not ref:
         raise ValueError(f"not an image reference: {ref!r}")
     remainder, _, digest = ref.partition("@")
     if digest and not DIGEST_RE.fullmatch(digest):
         raise ValueError(f"{ref!r}: the digest must be sha256:<64 lowercase hex>, got {digest!r}")
     name, tag = _split_tag(remainder, ref)
-    registry, repository = _split_registry(name, ref)
-    return ImageRef(registry, repository, tag, digest or None)
+    return name, tag, digest or None
 
 
 def _split_tag(remainder: str, ref: str) -> tuple[str, str | None]:

@@ -10,17 +10,13 @@ inventory is pinned by hand and needs no lock entry.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..checkout import role_defaults
 from ..inventory import _plain, hostvars_of, load_inventory
 from . import lock
 from .versions import vllm_version
-
-_ROLES = Path("ansible/roles")
 
 
 class TagError(ValueError):
@@ -43,7 +39,7 @@ def host_image_tag(host: str, hv: Mapping[str, Any], root: Path) -> str | None:
     """The ``repository:tag`` that ``host`` runs, or None when it is pinned by hand."""
     if "vllm_service_image" in hv:
         return None
-    defaults = _defaults(root, "vllm_service")
+    defaults = role_defaults("vllm_service", root=root)
     version = _value(hv, "servekit_vllm_version", vllm_version(root), host)
     repository = _value(
         hv, "vllm_service_image_repository", str(defaults["vllm_service_image_repository"]), host
@@ -57,7 +53,7 @@ def dcgm_image_tag(host: str, hv: Mapping[str, Any], root: Path) -> str | None:
     serves on the CPU or pins the image by hand."""
     if "monitoring_dcgm_exporter_image" in hv or hv.get("servekit_accelerator") == "cpu":
         return None
-    defaults = _defaults(root, "monitoring")
+    defaults = role_defaults("monitoring", root=root)
     repository = _value(
         hv,
         "monitoring_dcgm_exporter_image_repository",
@@ -102,11 +98,6 @@ def locked_host_image(host: str, hv: Mapping[str, Any], inventory: Path, root: P
             f"{tag} ({host}) has no digest in {path}: run `make lock-images INVENTORY={inventory}`"
         )
     return f"{tag}@{digest}"
-
-
-@cache
-def _defaults(root: Path, role: str) -> dict[str, Any]:
-    return yaml.safe_load((root / _ROLES / role / "defaults" / "main.yml").read_text()) or {}
 
 
 def aliased(resolve: Callable[..., str], aliases: Mapping[str, str]) -> Callable[..., str]:

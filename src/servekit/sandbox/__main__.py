@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from ..checkout import CheckoutError
 from . import IMAGE_NAMES, SandboxError, down, ensure_docker_engine, ensure_images, status, up
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {ref}")
         elif args.command == "engine":
             ensure_docker_engine(progress)
-    except SandboxError as exc:
+    except (SandboxError, CheckoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..checkout import repo_root
+
 Progress = Callable[[str], object]
 
 #: Seconds the Docker SDK waits on one API response. Builds and pushes can stay silent
@@ -17,26 +19,6 @@ DOCKER_TIMEOUT_S = 1800
 
 class SandboxError(RuntimeError):
     """Something the sandbox needs is missing or failed; the message says what to do."""
-
-
-def repo_root() -> Path:
-    """The servekit checkout: the directory holding ``pyproject.toml`` above this package.
-
-    ``SERVEKIT_REPO_ROOT`` overrides it (for an installed package, point it at a checkout).
-    """
-    env = os.environ.get("SERVEKIT_REPO_ROOT")
-    if env:
-        return Path(env).resolve()
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "pyproject.toml").is_file() and (parent / "docker").is_dir():
-            return parent
-    for parent in [Path.cwd(), *Path.cwd().parents]:
-        if (parent / "pyproject.toml").is_file() and (parent / "docker").is_dir():
-            return parent
-    raise SandboxError(
-        "cannot find the servekit checkout (pyproject.toml + docker/); set SERVEKIT_REPO_ROOT"
-    )
 
 
 def state_dir() -> Path:
@@ -97,3 +79,26 @@ def step(progress: Progress, what: str) -> Iterator[None]:
         progress(f"{what}: failed after {fmt_duration(time.monotonic() - start)}")
         raise
     progress(f"{what}: done in {fmt_duration(time.monotonic() - start)}")
+
+
+def wait_until(check: Callable[[], object], what: str, timeout: float, interval: float = 0.2):
+    """Call ``check()`` until it returns a truthy value (returned); raise SandboxError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise SandboxError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 2.0):
+    """``GET url``: the response, or None when nothing answers."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=timeout)
+    except requests.RequestException:
+        return None

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-if TYPE_CHECKING:
-    from .manager import SandboxHost
+from .state import SandboxHost
 
 GATEWAY_CONTAINER = "servekit-gateway"
 GATEWAY_HOSTNAME = "sandbox-gateway"
@@ -36,7 +35,6 @@ ROLE_GATEWAY = "sandbox-gateway"
 SINGLE_API_PORT_BASE = 7999  # host 1 -> 8000, as ever
 FLEET_API_PORT_BASE = 8000  # host 1 -> 8001: the gateway holds 8000
 
-INVENTORY_DIR = "inventory"  # under the state directory
 SANDBOX_GROUP_VARS = Path("inventory") / "sandbox" / "group_vars"  # under the checkout
 
 HEADER = """\

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkout import repo_root
 from ..images import vllm_version
 from .common import (
     Progress,
@@ -32,7 +33,6 @@ from .common import (
     docker_client,
     fmt_duration,
     fmt_size,
-    repo_root,
 )
 
 REPOSITORY = "servekit"

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from ..checkout import repo_root
 from ..images import vllm_version
 from . import images
-from .common import Progress, repo_root
+from .common import Progress
 
 ENGINES_FILE = Path("ansible/roles/vllm_service/files/engines.yml")
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
-from conftest import ROOT, gpu_args_of, journal
+import servekit_gpu  # ansible/module_utils, on pytest's pythonpath (pyproject.toml)
 
-sys.path.insert(0, str(ROOT / "ansible" / "module_utils"))
-
-import servekit_gpu
+from servekit.verify.host_facts import gpu_args_of, journal
 
 SMI_QUERY = "driver_version,pci.bus_id,name,persistence_mode"
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")

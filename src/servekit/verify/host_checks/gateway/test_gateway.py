@@ -10,54 +10,32 @@ gpu_hosts). Settings come from the inventory, with the gateway role's defaults."
 from __future__ import annotations
 
 import json
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-ROLE = Path(__file__).resolve().parents[3] / "ansible" / "roles" / "gateway"
+from servekit.checkout import ROLES, repo_root, role_defaults
+from servekit.inventory import is_unresolved
+from servekit.verify.host_facts import journal, run_as_root
+
+ROLE = repo_root() / ROLES / "gateway"
 CONFIG = "/etc/haproxy/haproxy.cfg"
 KEYS = "/etc/haproxy/servekit-api-keys.lst"
 API = "/usr/local/libexec/servekit/haproxy-api"
 
 
-def _unresolved(value: Any) -> bool:
-    if isinstance(value, dict) and "__ansible_vault" in value:
-        return True
-    return isinstance(value, str) and ("{{" in value or value.startswith("$ANSIBLE_VAULT"))
-
-
-@cache
-def _defaults() -> dict[str, Any]:
-    data = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text()) or {}
-    return {k: v for k, v in data.items() if not _unresolved(v)}
-
-
 @pytest.fixture(scope="module")
 def gw(inventory_vars) -> dict[str, Any]:
     """The gateway role's settings for this host: defaults overlaid with plain inventory values."""
-    values = dict(_defaults())
-    values.update({k: v for k, v in inventory_vars.items() if not _unresolved(v)})
+    values = role_defaults("gateway", plain=True)
+    values.update({k: v for k, v in inventory_vars.items() if not is_unresolved(v)})
     return values
 
 
 @pytest.fixture(scope="module")
 def backends(inventory_vars, gw) -> list[str]:
     return list((inventory_vars.get("groups") or {}).get(gw["gateway_backend_group"], []))
-
-
-def _root(host, command: str, *args: str):
-    result = host.run(command, *args)
-    if result.rc != 0 and host.user().name != "root":
-        with host.sudo():
-            result = host.run(command, *args)
-    return result
-
-
-def _journal(host) -> str:
-    return host.run("journalctl -u haproxy -n 40 --no-pager").stdout
 
 
 def test_haproxy_is_pinned_and_held(host):
@@ -74,12 +52,12 @@ def test_haproxy_is_pinned_and_held(host):
 
 def test_haproxy_is_active_and_enabled(host):
     service = host.service("haproxy")
-    assert service.is_running, f"haproxy is not running; journal:\n{_journal(host)}"
+    assert service.is_running, f"haproxy is not running; journal:\n{journal(host, 'haproxy')}"
     assert service.is_enabled, "haproxy.service is not enabled: it would not come back on boot"
 
 
 def test_configuration_is_valid_and_lists_every_backend(host, backends):
-    check = _root(host, "haproxy -c -f %s", CONFIG)
+    check = run_as_root(host, "haproxy -c -f %s", CONFIG)
     assert check.rc == 0, f"haproxy -c -f {CONFIG} failed: {(check.stdout + check.stderr)[-600:]}"
     config = host.file(CONFIG).content_string
     servers = [ln.split()[1] for ln in config.splitlines() if ln.strip().startswith("server ")]
@@ -90,7 +68,7 @@ def test_configuration_is_valid_and_lists_every_backend(host, backends):
 
 
 def test_every_backend_is_up_and_in_rotation(host, backends):
-    result = _root(host, API + " status")
+    result = run_as_root(host, API + " status")
     assert result.rc == 0, f"{API} status failed: {result.stderr.strip()}"
     servers = {s["name"]: s for s in json.loads(result.stdout)}
     down = {n: s["op_state"] for n, s in servers.items() if not s["up"]}
@@ -125,7 +103,7 @@ def test_api_key_file_is_private_and_the_key_in_no_arguments(host):
     assert keys.user == "root" and keys.mode == 0o600, (
         f"expected {KEYS} owned by root with mode 0o600, got {keys.user} {oct(keys.mode)}"
     )
-    text = _root(host, "cat %s", KEYS).stdout
+    text = run_as_root(host, "cat %s", KEYS).stdout
     secrets = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     places = host.check_output("ps -eo args") + host.run("systemctl show haproxy").stdout
     leaked = [s[:4] + "..." for s in secrets if s in places]
@@ -137,7 +115,7 @@ def _gateway_status(host, gw, path: str) -> str:
     configuration terminates it; the certificate is not the point here)."""
     bind = str(gw["gateway_bind_address"])
     address = "127.0.0.1" if bind in ("0.0.0.0", "127.0.0.1") else bind
-    tls = " ssl crt " in _root(host, "cat %s", CONFIG).stdout
+    tls = " ssl crt " in run_as_root(host, "cat %s", CONFIG).stdout
     url = f"{'https' if tls else 'http'}://{address}:{gw['gateway_port']}{path}"
     curl = "curl --silent --insecure --output /dev/null --max-time 5 --write-out '%%{http_code}' %s"
     return host.run(curl, url).stdout.strip()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from conftest import is_unresolved, journal
+
+from servekit.inventory import is_unresolved
+from servekit.verify.host_facts import journal, run_as_root
 
 CHAIN = "SERVEKIT-VLLM"
 UNIT = "vllm-firewall.service"
@@ -24,14 +26,6 @@ def allowed(inventory_vars, hostvars) -> list[str]:
     if is_unresolved(raw) or (isinstance(raw, list) and any(map(is_unresolved, raw))):
         pytest.skip("vllm_service_firewall_allowed_cidrs is a template: nothing to compare with")
     return list(hostvars.get("vllm_service_firewall_allowed_cidrs") or [])
-
-
-def run_as_root(host, command: str, *args: str):
-    """A command's result, run as root (sudo only when the connection is not root)."""
-    if host.user().name == "root":
-        return host.run(command, *args)
-    with host.sudo():
-        return host.run(command, *args)
 
 
 def chain_rules(host, chain: str) -> list[str] | None:

@@ -1,4 +1,5 @@
-"""The PromQL servekit ships: alert rules and the Grafana dashboard, as data for tests.
+"""The PromQL servekit ships: alert rules and the Grafana dashboard, as data for the tests that
+check it (tests/unit/test_monitoring.py offline, tests/e2e/test_monitoring_live.py on the sandbox).
 
 `expressions(dashboard, rules)` lists every expression with where it comes from and what it is
 about (vLLM, host or DCGM series), so a test can evaluate each one against a Prometheus that
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ROLE = ROOT / "ansible" / "roles" / "monitoring"
 RULES_TEMPLATE = ROLE / "templates" / "servekit-alerts.yml.j2"
 ROLE_DEFAULTS = ROLE / "defaults" / "main.yml"
