@@ -21,13 +21,12 @@ import yaml
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from servekit_packages import pip_requirements  # ansible/plugins/filter, on pytest's pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "ansible" / "roles" / "model"
 LOCK = MODEL / "files" / "modelscope-sdk.lock.txt"
-sys.path.insert(0, str(ROOT / "ansible" / "plugins" / "filter"))
 
-from servekit_packages import pip_requirements  # noqa: E402 (path set above)
 
 #: The hosts' Pythons: Ubuntu 22.04, Debian 12, Ubuntu 24.04.
 HOST_PYTHONS = ["3.10", "3.11", "3.12"]

@@ -8,17 +8,14 @@ their values, and offers a port no listener of the host uses.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+import servekit_net  # ansible/plugins/filter, on pytest's pythonpath
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "ansible" / "roles"
-sys.path.insert(0, str(ROOT / "ansible" / "plugins" / "filter"))
-
-import servekit_net  # noqa: E402
 
 
 def listener(setting: str, port: int, address: str = "0.0.0.0", **extra) -> dict:

@@ -31,17 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import servekit_openpgp as openpgp  # ansible/plugins/filter, on pytest's pythonpath
 import yaml
+from test_gpu_roles import Role  # the roles' variables, templated by Ansible
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / "ansible"
 ROLES = ANSIBLE / "roles"
 KEYS = ROOT / "tests" / "fixtures" / "keys"
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
-sys.path.insert(0, str(ANSIBLE / "plugins" / "filter"))
 
-import servekit_openpgp as openpgp  # noqa: E402 (path set above)
-from test_gpu_roles import Role  # noqa: E402 (the roles' variables, templated by Ansible)
 
 GPG = shutil.which("gpg")
 TASK_HEADER = re.compile(r"^TASK \[(?:[\w.]+ : )?(.*)\] \*+\s*$")
