@@ -14,7 +14,8 @@ import time
 from contextlib import nullcontext
 
 import pytest
-from conftest import journal
+
+from servekit.verify.host_facts import journal
 
 DEFAULT_LISTEN = "127.0.0.1:9090"
 NEXT_SCRAPE_S = 60  # longer than any sensible scrape interval
