@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from ansible_local import local_ansible_env
 from fake_backend import MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,14 +79,7 @@ def run_playbook(workdir: Path, inventory: dict, playbook: str, extra: dict | No
     (workdir / "hosts.yml").write_text(json.dumps(inventory, indent=2))
     (workdir / "play.yml").write_text(playbook)
     (workdir / "extra.json").write_text(json.dumps(extra or {}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")} | {
-        "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(workdir / "facts"),
-        "ANSIBLE_LOCAL_TEMP": str(workdir / "tmp"),
-        "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
-    }
+    env = local_ansible_env(workdir, ANSIBLE_ROLES_PATH=str(ANSIBLE / "roles"))
     cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "hosts.yml"), str(workdir / "play.yml")]
     proc = subprocess.run(
         [*cmd, "-e", f"@{workdir / 'extra.json'}"],

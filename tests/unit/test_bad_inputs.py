@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ansible_local import local_ansible_env
 
 from servekit.images import vllm_version
 
@@ -649,18 +650,7 @@ def _run(case: Case | None, workdir: Path, facts: Path | None = None) -> Run:
     inventory = {"all": {"children": children}}
     (workdir / "hosts.yml").write_text(json.dumps(inventory, indent=2))
     (workdir / "images.lock.yml").write_text(yaml.safe_dump(LOCK))
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("ANSIBLE_") and key not in ("FORCE_COLOR", "PY_COLORS")
-    } | {
-        "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(workdir / "facts"),
-        "ANSIBLE_LOCAL_TEMP": str(workdir / "tmp"),
-        # One JSON line per result, so the failure message is read exactly.
-        "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
-    }
+    env = local_ansible_env(workdir)
     proc = subprocess.run(
         cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )

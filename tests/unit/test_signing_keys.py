@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import servekit_openpgp as openpgp  # ansible/plugins/filter, on pytest's pythonpath
 import yaml
+from ansible_local import local_ansible_env
 from test_gpu_roles import Role  # the roles' variables, templated by Ansible
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -393,20 +394,9 @@ class Target:
             }
         ]
         (self.workdir / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("ANSIBLE_") and key not in ("FORCE_COLOR", "PY_COLORS")
-        } | {
-            "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
-            "ANSIBLE_ROLES_PATH": str(ROLES),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(self.workdir / "facts"),
-            "ANSIBLE_LOCAL_TEMP": str(self.workdir / "tmp"),
-            # One JSON line per result, so the failure message is read exactly.
-            "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
-            "TMPDIR": str(self.staging),
-        }
+        env = local_ansible_env(
+            self.workdir, ANSIBLE_ROLES_PATH=str(ROLES), TMPDIR=str(self.staging)
+        )
         cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(self.workdir / "hosts.yml")]
         cmd += [str(self.workdir / "play.yml")] + (["--check"] if check else [])
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
