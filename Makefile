@@ -101,10 +101,9 @@ test: venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end,
 	@mkdir -p reports && : > $(PHASES)
 	@scripts/prepare-sandbox start
 	@scripts/phase lint $(MAKE) --no-print-directory lint || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
-	SERVEKIT_PREPARED_DEPLOY=$(CURDIR)/reports/deploy-1.rc pytest tests/unit tests/e2e -q --ignore tests/e2e/test_fleet_live.py --ignore tests/e2e/test_sandbox_host.py $(PYTEST_ARGS) || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
-	@# The fleet brings up its own sandbox (3 hosts + gateway) once the single host is gone, on the
-	@# registry cache the single host filled; the lifecycle module, last, purges that cache.
-	pytest tests/e2e/test_fleet_live.py tests/e2e/test_sandbox_host.py -q $(PYTEST_ARGS) || { scripts/phase-table $(PHASES); exit 1; }
+	@# One session: the single-host modules, then the fleet (3 hosts + gateway), which takes the
+	@# single host over as its first host, then the lifecycle module, which purges the sandbox.
+	SERVEKIT_PREPARED_DEPLOY=$(CURDIR)/reports/deploy-1.rc pytest tests/unit tests/e2e -q $(PYTEST_ARGS) || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
 	@scripts/phase-table $(PHASES)
 
 fault-table: ## Write the fault table of the last make test (reports/faults.json) into README.md

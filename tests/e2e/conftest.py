@@ -61,6 +61,11 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(f"(also in {report})")
 
 
+# Modules that change the sandbox for good run after the single-host ones, in this order: the
+# fleet takes the single host over as its first host (recreated on other ports, its volumes
+# kept), and the lifecycle module ends with `down(purge=True)`.
+LAST = {"test_fleet_live.py": 1, "test_sandbox_host.py": 2}
+
+
 def pytest_collection_modifyitems(items):
-    """The sandbox lifecycle module ends with `down()`: run it after every deployment test."""
-    items.sort(key=lambda item: item.path.name == "test_sandbox_host.py")
+    items.sort(key=lambda item: LAST.get(item.path.name, 0))

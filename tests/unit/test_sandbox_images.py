@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from servekit.checkout import role_defaults
 from servekit.images import vllm_version
 from servekit.sandbox import fleet, hosts, images, state
 from servekit.sandbox.common import repo_root, state_dir
@@ -272,10 +273,20 @@ def test_host_container_settings():
     assert kw["cgroupns"] == "host"
     assert kw["volumes"]["/sys/fs/cgroup"] == {"bind": "/sys/fs/cgroup", "mode": "rw"}
     assert kw["volumes"]["servekit-sandbox-1-docker"]["bind"] == "/var/lib/docker"
+    assert kw["volumes"]["servekit-sandbox-1-vllm-cache"]["bind"] == "/var/cache/vllm"
     assert set(kw["tmpfs"]) == {"/run", "/run/lock"}
     assert kw["stop_signal"] == "SIGRTMIN+3"
     assert kw["extra_hosts"] == {"servekit-control": "172.17.0.1"}
     assert kw["ports"] == {"22/tcp": ("127.0.0.1", 2222), "8000/tcp": ("127.0.0.1", 8000)}
+
+
+def test_the_compile_cache_volume_is_where_the_role_keeps_the_cache():
+    defaults = role_defaults("vllm_service", plain=True)
+    assert defaults["vllm_service_compile_cache_dir"] == state.COMPILE_CACHE_DIR
+    assert hosts.host_disks(2) == {
+        "servekit-sandbox-2-docker": "/var/lib/docker",
+        "servekit-sandbox-2-vllm-cache": "/var/cache/vllm",
+    }
 
 
 def test_authorized_keys_tar():

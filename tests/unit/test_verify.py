@@ -716,3 +716,25 @@ def test_role_defaults_feed_the_host_checks():
     assert redact("x --api-key=abc VLLM_API_KEY=def", None) == (
         "x --api-key=<redacted> VLLM_API_KEY=<redacted>"
     )
+
+
+def test_host_checks_share_one_ssh_connection_per_host(tmp_path, monkeypatch):
+    """testinfra builds its SSH command from ansible.cfg: with control_path spelled out there,
+    every command of a host's checks goes through one master connection."""
+    import configparser
+
+    from testinfra.utils.ansible_runner import get_ansible_host
+
+    from servekit.verify.run import _pytest_env
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _pytest_env()  # makes the control_path_dir testinfra requires
+    assert (tmp_path / ".ansible" / "cp").is_dir()
+    config = configparser.ConfigParser()
+    config.read(ROOT / "ansible" / "ansible.cfg")
+    hostvars = {"ansible_host": "192.0.2.10", "ansible_port": 22, "ansible_user": "root"}
+    inventory = {"_meta": {"hostvars": {"gpu-1": hostvars}}, "all": {"hosts": ["gpu-1"]}}
+    host = get_ansible_host(config, inventory, "gpu-1")
+    words, _ = host.backend._build_ssh_command("true")
+    assert f"-o ControlPath={tmp_path}/.ansible/cp/%%C" in words, words
+    assert any("ControlPersist" in w for w in words), words

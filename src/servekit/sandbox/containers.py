@@ -24,14 +24,26 @@ def sandbox_containers(client, role: str) -> list:
     return client.containers.list(all=True, filters={"label": f"{ROLE_LABEL}={role}"})
 
 
-def ensure_volume(client, name: str) -> None:
-    """Create volume ``name`` (labelled as the sandbox's) unless it exists."""
+def ensure_volume(client, name: str) -> bool:
+    """Create volume ``name`` (labelled as the sandbox's) unless it exists; True if made."""
     from docker.errors import NotFound
 
     try:
         client.volumes.get(name)
     except NotFound:
         client.volumes.create(name=name, labels={VOLUME_LABEL: "1"})
+        return True
+    return False
+
+
+def volume_exists(client, name: str) -> bool:
+    from docker.errors import NotFound
+
+    try:
+        client.volumes.get(name)
+    except NotFound:
+        return False
+    return True
 
 
 def remove_volume(client, name: str) -> None:

@@ -1,7 +1,8 @@
 """The sandbox hosts: Debian 12 containers with systemd as PID 1 and sshd, reached like servers.
 
 Host ``n`` is ``servekit-sandbox-n``: SSH on 127.0.0.1:2221+n, its port 8000 on 127.0.0.1
-(``servekit.sandbox.fleet.api_port``), a volume for its nested Docker. Inside, the name
+(``servekit.sandbox.fleet.api_port``), volumes for its nested Docker and for vLLM's compile
+cache (a new host of a fleet starts with host 1's cache). Inside, the name
 ``servekit-control`` is this machine (the bridge gateway). Fleet mode adds the gateway host
 ``servekit-gateway``, made the same way without nested Docker. A host counts as up once systemd
 runs and SSH answers with the host's own key.
@@ -26,14 +27,17 @@ from .containers import (
     run,
     sandbox_containers,
     start,
+    volume_exists,
 )
 from .state import (
+    COMPILE_CACHE_DIR,
     CONTROL_HOSTNAME,
     INDEX_LABEL,
     ROLE_HOST,
     ROLE_LABEL,
     SandboxHost,
     SandboxPaths,
+    cache_volume,
     host_container,
     host_hostname,
     host_volume,
@@ -93,13 +97,13 @@ def _systemd_host_kwargs(
     ssh: int,
     api: int,
     gateway: str,
-    docker_volume: str | None = None,
+    disks: dict[str, str] | None = None,
 ) -> dict:
     """Container settings of a sandbox host: systemd as PID 1, SSH and port 8000 published
-    on 127.0.0.1, a volume for a nested Docker where one runs."""
+    on 127.0.0.1, ``disks`` (volume -> path) for what outlives the container."""
     volumes = {"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}}
-    if docker_volume:
-        volumes[docker_volume] = {"bind": "/var/lib/docker", "mode": "rw"}
+    for volume, path in (disks or {}).items():
+        volumes[volume] = {"bind": path, "mode": "rw"}
     return {
         "name": name,
         "hostname": hostname,
@@ -127,8 +131,33 @@ def host_run_kwargs(n: int, gateway: str, fleet_mode: bool = False) -> dict:
         ssh_port(n),
         fleet.api_port(n, fleet_mode),
         gateway,
-        host_volume(n),
+        host_disks(n),
     )
+
+
+def host_disks(n: int) -> dict[str, str]:
+    """Host ``n``'s volumes: its nested Docker's images and vLLM's compile cache."""
+    return {host_volume(n): "/var/lib/docker", cache_volume(n): COMPILE_CACHE_DIR}
+
+
+def seed_compile_cache(client, n: int, image: str, progress: Progress) -> None:
+    """Fill new host ``n``'s compile cache with host 1's, as a site warms a new server's cache
+    from one that runs the same release: a fleet made after the single host then starts its
+    servers without compiling again (vLLM keys each entry by the release and the flags that
+    shape the graph, so a different release or flag still compiles)."""
+    source = cache_volume(1)
+    if n == 1 or not volume_exists(client, source):
+        return
+    client.containers.run(
+        image,
+        entrypoint=["cp", "-a", "/from/.", "/to/"],
+        volumes={
+            source: {"bind": "/from", "mode": "ro"},
+            cache_volume(n): {"bind": "/to", "mode": "rw"},
+        },
+        remove=True,
+    )
+    progress(f"  {host_container(n)}: compile cache copied from {host_container(1)}")
 
 
 def gateway_run_kwargs(gateway: str) -> dict:
@@ -162,12 +191,15 @@ def ensure_host(
     published = published_port(container) if container is not None else None
     if container is not None and published not in (None, api):
         # Between single-host and fleet mode the API port moves: recreate the container
-        # (its Docker volume, with the pulled vLLM image, stays); a deploy re-converges it.
+        # (its volumes, with the pulled vLLM image and the compile cache, stay); a deploy
+        # re-converges it.
         progress(f"  {name} publishes its API on {published}, not {api}: recreating it")
-        remove_container(client, container, progress, frozenset({host_volume(n)}))
+        remove_container(client, container, progress, frozenset(host_disks(n)))
         container = None
     if container is None:
         ensure_volume(client, host_volume(n))
+        if ensure_volume(client, cache_volume(n)):
+            seed_compile_cache(client, n, image, progress)
         container = client.containers.create(image, **host_run_kwargs(n, gateway, fleet_mode))
         container.put_archive("/root", authorized_keys_tar(pubkey))
         start(container, ssh, api)

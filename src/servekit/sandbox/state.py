@@ -44,6 +44,16 @@ def host_volume(n: int) -> str:
     return f"servekit-sandbox-{n}-docker"
 
 
+#: Where the vllm_service role keeps vLLM's compile cache (vllm_service_compile_cache_dir).
+COMPILE_CACHE_DIR = "/var/cache/vllm"
+
+
+def cache_volume(n: int) -> str:
+    """Host ``n``'s compile cache: a volume, like its /var/lib/docker, so that a recreated
+    host (single-host -> fleet mode) keeps what its server compiled."""
+    return f"servekit-sandbox-{n}-vllm-cache"
+
+
 def ssh_port(n: int) -> int:
     """Host 1 -> 2222, host 2 -> 2223, ..."""
     return SSH_PORT_BASE + n

@@ -55,6 +55,9 @@ HOST_JOBS = 16  # pytest processes at once
 
 
 def _pytest_env() -> dict[str, str]:
+    # testinfra shares one SSH connection per host (ansible.cfg's control_path) only where
+    # Ansible's control_path_dir already exists; without it every command is a new handshake.
+    Path("~/.ansible/cp").expanduser().mkdir(mode=0o700, parents=True, exist_ok=True)
     env = dict(os.environ)
     # testinfra calls ansible-inventory, and reads SSH settings from the Ansible config.
     venv_bin = str(Path(sys.executable).parent)
