@@ -20,7 +20,7 @@ from servekit.sandbox import SandboxState, down, ensure_docker_engine, status, u
 from servekit.sandbox.common import docker_client
 from servekit.sandbox.hosts import ssh_command
 from servekit.sandbox.registry import REGISTRY_CONTAINER, REGISTRY_VOLUME
-from servekit.sandbox.state import SandboxPaths, host_volume
+from servekit.sandbox.state import SandboxPaths, cache_volume, host_volume
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +84,7 @@ def test_label_and_nested_docker_volume(sandbox: SandboxState):
     assert ours[0].labels["servekit.sandbox.index"] == "1"
     mounts = {m["Destination"]: m for m in ours[0].attrs["Mounts"]}
     assert mounts["/var/lib/docker"]["Name"] == host_volume(1)
+    assert mounts["/var/cache/vllm"]["Name"] == cache_volume(1)
 
 
 def test_control_services_reachable_from_inside(sandbox: SandboxState):
@@ -109,7 +110,7 @@ def test_down_removes_everything(sandbox: SandboxState):
     assert client.containers.list(all=True, filters={"label": "servekit.role=sandbox-host"}) == []
     assert [c.name for c in client.containers.list(all=True)].count(REGISTRY_CONTAINER) == 0
     volumes = {v.name for v in client.volumes.list()}
-    assert host_volume(1) not in volumes
+    assert host_volume(1) not in volumes and cache_volume(1) not in volumes
     assert REGISTRY_VOLUME in volumes, "the registry cache survives a plain down"
     st = status()
     assert st["hosts"] == [] and st["mirror"]["pid"] is None and not st["up"]

@@ -708,7 +708,7 @@ def test_role_defaults_feed_the_host_checks():
     assert defaults["nvidia_driver_version"] == "580.126.20"
     assert defaults["nvidia_container_toolkit_version"] == "1.19.1"
     assert defaults["vllm_service_port"] == 8000
-    assert defaults["vllm_service_health_interval"] == 15  # the restart-stability window
+    assert defaults["vllm_service_health_interval"] == 7  # the restart-stability window
     assert defaults["servekit_model_root"] == "/opt/models"
     assert "vllm_service_model_path" not in defaults  # a template: unknown without Ansible
     redact = host_facts.redact
