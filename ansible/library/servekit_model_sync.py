@@ -13,6 +13,17 @@ description:
     directory to a versioned directory and switches the C(current) symlink atomically.
   - A re-run over an unchanged model compares the manifest with each file's size and
     mtime only (O(files)); C(verify=deep) re-hashes every byte and re-fetches bad files.
+  - When the revision is a branch the endpoint's C(/revisions) answer names, its commit id is
+    recorded in the manifest and returned, once it resolved the same before and after the
+    listing.
+  - Runs on one model are serialised by an exclusive C(flock) on C(.servekit.lock) in the
+    model's directory; a run that waited finds the work done. Holding it, a run removes
+    what interrupted runs left (other revisions' C(.staging/*), C(.replaced-*)) and then
+    prunes versions beyond O(keep_versions), least recently made current first. Never pruned
+    are the version C(current) pointed to before the run, the run's own, and those of
+    O(protect).
+    Which version was current when is kept in C(.servekit-versions.json).
+  - Check mode takes no lock and removes nothing.
   - Must run with a Python interpreter that has the C(modelscope) SDK installed.
 options:
   model_id: {type: str, required: true, description: Owner/name of the model.}
@@ -23,7 +34,27 @@ options:
     {type: str, default: quick, choices: [quick, deep], description: How to check an existing copy.}
   max_workers: {type: int, default: 4, description: Parallel file downloads.}
   keep_versions:
-    {type: int, default: 2, description: Versions kept on disk, the current one included.}
+    type: int
+    default: 2
+    description:
+      - Versions kept on disk, the current one included.
+      - Protected versions count; when they alone are more, all of them are kept and the result
+        says so (RV(keep_versions_exceeded)).
+  protect:
+    type: list
+    elements: str
+    default: []
+    description:
+      - Versions never pruned, besides the previous and the new one. Each is a revision (or
+        version directory) name, C(current), or an absolute path; a path inside the model's
+        directory protects the version it lies in (a C(current) link, the version it points
+        to); other paths are ignored. Resolved before C(current) moves.
+  lock_timeout:
+    type: int
+    default: 3600
+    description:
+      - Seconds to wait for another run on the same model to finish (a download can take
+        long); 0 fails at once when the model is locked.
   space_margin:
     type: float
     default: 0.05
@@ -31,10 +62,30 @@ options:
 author: servekit
 """
 
+RETURN = r"""
+path: {type: str, description: The version's directory.}
+commit_id: {type: str, description: "The commit a branch revision resolved to (only when known)."}
+waited_for_lock: {type: bool, description: Whether another run on the model held the lock first.}
+collected:
+  type: list
+  description: What interrupted runs left and this run removed, relative to the model's directory.
+pruned: {type: list, description: Versions removed beyond keep_versions.}
+freed_bytes:
+  type: int
+  description: Bytes of the files C(collected) and C(pruned) removed that had no other hard link.
+protected: {type: list, description: Versions on disk that pruning had to keep.}
+keep_versions_exceeded:
+  type: bool
+  description: More versions are protected than keep_versions allows; all of them were kept.
+"""
+
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import urllib.parse
@@ -43,6 +94,10 @@ import urllib.request
 from ansible.module_utils.basic import AnsibleModule
 
 MANIFEST = ".servekit-manifest.json"
+LOCK_FILE = ".servekit.lock"
+HISTORY_FILE = ".servekit-versions.json"
+STAGING = ".staging"
+REPLACED = ".replaced-"
 
 
 def list_files(endpoint, model_id, revision):
@@ -59,6 +114,21 @@ def list_files(endpoint, model_id, revision):
         path = entry.get("Path") or entry.get("Name")
         out[path] = {"size": int(entry["Size"]), "sha256": entry.get("Sha256") or ""}
     return out
+
+
+def branch_commit(endpoint, model_id, revision):
+    """The commit id of branch ``revision`` from the hub's ``/revisions``, or None: the route is
+    optional, and a tag or a commit is not among the branches."""
+    url = f"{endpoint.rstrip('/')}/api/v1/models/{model_id}/revisions"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            branches = json.load(resp)["Data"]["RevisionMap"]["Branches"] or []
+    except Exception:  # no such route, HTTP and JSON errors alike: the commit stays unknown
+        return None
+    for branch in branches:
+        if isinstance(branch, dict) and branch.get("Revision") == revision:
+            return branch.get("CommitId") or None
+    return None
 
 
 def sha256_of(path):
@@ -140,7 +210,17 @@ def download(module, staging, p):
         )
 
 
-def write_manifest(directory, listing, p):
+def write_json(path, data):
+    """Replace ``path`` with ``data`` atomically (a reader sees the old or the new file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(directory, listing, p, commit):
     files = {}
     for path, want in listing.items():
         st = os.stat(os.path.join(directory, path))
@@ -152,12 +232,17 @@ def write_manifest(directory, listing, p):
         "verified_at": int(time.time()),
         "files": files,
     }
-    tmp = os.path.join(directory, MANIFEST + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(directory, MANIFEST))
+    if commit:
+        manifest["commit_id"] = commit
+    write_json(os.path.join(directory, MANIFEST), manifest)
+
+
+def record_commit(directory, commit):
+    """Note the commit of a version verified before its branch could be resolved."""
+    manifest = read_manifest(directory)
+    if commit and manifest and manifest.get("commit_id") != commit:
+        manifest["commit_id"] = commit
+        write_json(os.path.join(directory, MANIFEST), manifest)
 
 
 def switch_current(model_dir, version_name):
@@ -169,35 +254,184 @@ def switch_current(model_dir, version_name):
     os.replace(tmp, link)
 
 
-def prune(model_dir, keep, current_name):
-    versions = []
+# --- one run at a time per model -------------------------------------------------------------
+
+
+class LockExpired(Exception):
+    pass
+
+
+def _expire(signum, frame):
+    raise LockExpired
+
+
+def lock_within(fd, seconds):
+    """Wait up to ``seconds`` for the exclusive lock on ``fd``; False if it stayed taken."""
+    if seconds <= 0:
+        return False
+    # flock() has no timeout of its own: an alarm interrupts the wait.
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    except LockExpired:
+        return False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def lock_now(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def model_lock(module, model_dir, p):
+    """Hold the model's lock for the ``with`` block; yields whether another run held it first.
+
+    The kernel drops a flock when its holder exits, however it exits: a killed run leaves no
+    stale lock behind."""
+    path = os.path.join(model_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        waited = not lock_now(fd)
+        if waited and not lock_within(fd, p["lock_timeout"]):
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
+            module.fail_json(
+                msg=f"gave up after {p['lock_timeout']} s waiting for the lock {path}: another "
+                f"run on {p['model_id']} holds it ({holder}), most likely still downloading. "
+                "Let it finish and run again, or wait longer (lock_timeout, role variable "
+                "model_lock_timeout). The lock ends with the process holding it: there is "
+                "nothing to delete.",
+                lock=path,
+            )
+        os.ftruncate(fd, 0)
+        note = f"pid {os.getpid()}, {p['model_id']}@{p['revision']}, since {time.ctime()}\n"
+        os.pwrite(fd, note.encode(), 0)
+        yield waited
+    finally:
+        os.close(fd)
+
+
+# --- what the store holds --------------------------------------------------------------------
+
+
+def version_named(model_dir, entry):
+    """The version directory ``entry`` means: a revision or version name, ``current``, or an
+    absolute path (the version it lies in). None when it names no version of this model."""
+    path = entry if entry.startswith("/") else os.path.join(model_dir, entry.replace("/", "_"))
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(model_dir))
+    name = rel.split(os.sep)[0]
+    if name in ("", ".", "..", "current") or name.startswith("."):
+        return None
+    return name
+
+
+def published_versions(model_dir):
+    names = []
     for name in os.listdir(model_dir):
         full = os.path.join(model_dir, name)
-        if name.startswith(".") or name == "current" or not os.path.isdir(full):
+        if name.startswith(".") or name == "current" or os.path.islink(full):
             continue
-        if os.path.islink(full):
-            continue
-        versions.append((os.path.getmtime(full), name))
-    removed = []
-    for _, name in sorted(versions, reverse=True)[keep:]:
-        if name != current_name:
-            shutil.rmtree(os.path.join(model_dir, name))
-            removed.append(name)
-    return removed
+        if os.path.isdir(full):
+            names.append(name)
+    return names
 
 
-def run(module):
-    p = module.params
-    model_dir = os.path.join(p["root"], p["model_id"])
-    version_name = p["revision"].replace("/", "_")
-    target = os.path.join(model_dir, version_name)
-    staging = os.path.join(model_dir, ".staging", version_name)
-    link = os.path.join(model_dir, "current")
-    link_ok = os.path.islink(link) and os.readlink(link) == version_name
-    result = {"changed": False, "path": target, "current": link, "revision": p["revision"]}
-
+def read_history(model_dir):
+    """The versions in the order they were made current, the latest last."""
     try:
-        listing = list_files(p["endpoint"], p["model_id"], p["revision"])
+        with open(os.path.join(model_dir, HISTORY_FILE)) as fh:
+            entries = json.load(fh)["made_current"]
+        return [e for e in entries if isinstance(e.get("version"), str)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def made_current(history, name):
+    if name is None or (history and history[-1]["version"] == name):
+        return history
+    kept = [e for e in history if e["version"] != name]
+    return [*kept, {"version": name, "at": int(time.time())}]
+
+
+def bytes_freed_by_removing(path):
+    """Size of the files under ``path`` whose every hard link lies under ``path`` too."""
+    inodes = {}
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            links, seen, size = inodes.get((st.st_dev, st.st_ino), (st.st_nlink, 0, st.st_size))
+            inodes[(st.st_dev, st.st_ino)] = (links, seen + 1, size)
+    return sum(size for links, seen, size in inodes.values() if seen >= links)
+
+
+def remove(path):
+    """Delete a file or a directory tree; returns the bytes freed."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        freed = bytes_freed_by_removing(path)
+        shutil.rmtree(path)
+        return freed
+    freed = os.lstat(path).st_size if os.lstat(path).st_nlink == 1 else 0
+    os.unlink(path)
+    return freed
+
+
+def leftovers(model_dir, keep_staging):
+    """What interrupted runs left, relative to ``model_dir``: staging directories of other
+    revisions (``keep_staging``'s may be resumed) and versions set aside while replaced."""
+    staging_root = os.path.join(model_dir, STAGING)
+    staged = sorted(os.listdir(staging_root)) if os.path.isdir(staging_root) else []
+    found = [os.path.join(STAGING, name) for name in staged if name != keep_staging]
+    found += sorted(n for n in os.listdir(model_dir) if n.startswith(REPLACED))
+    return found
+
+
+def collect(model_dir, paths, result):
+    for rel in paths:
+        result["freed_bytes"] += remove(os.path.join(model_dir, rel))
+        result["collected"].append(rel)
+    with contextlib.suppress(OSError):  # only once it is empty
+        os.rmdir(os.path.join(model_dir, STAGING))
+
+
+def prune(module, model_dir, keep, protected, history, result):
+    """Remove the versions beyond ``keep``, least recently current first; ``protected`` (a
+    {version: why} map) stays, even beyond ``keep``."""
+    versions = published_versions(model_dir)
+    kept = {name: why for name, why in protected.items() if name in versions}
+    order = {entry["version"]: i for i, entry in enumerate(history)}
+
+    def recency(name):
+        return order.get(name, -1), os.path.getmtime(os.path.join(model_dir, name))
+
+    others = sorted((v for v in versions if v not in kept), key=recency, reverse=True)
+    for name in others[max(keep - len(kept), 0) :]:
+        result["freed_bytes"] += remove(os.path.join(model_dir, name))
+        result["pruned"].append(name)
+    result["protected"] = sorted(kept)
+    if len(kept) > keep:
+        result["keep_versions_exceeded"] = True
+        module.warn(
+            f"keeping {len(kept)} versions of {module.params['model_id']}, more than "
+            f"keep_versions={keep}, because each is protected: "
+            + ", ".join(f"{name} ({why})" for name, why in sorted(kept.items()))
+        )
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+
+def fetch_listing(module, p, target, result):
+    """The revision's listing; None when the endpoint cannot be reached but the same revision
+    is verified on disk (the run then keeps it)."""
+    try:
+        return list_files(p["endpoint"], p["model_id"], p["revision"])
     except Exception as exc:  # network, HTTP and JSON errors alike
         if os.path.isdir(target) and not quick_check(target, read_listing_from_manifest(target)):
             module.warn(
@@ -205,42 +439,61 @@ def run(module):
                 "keeping the verified local copy"
             )
             result["files"] = len(read_listing_from_manifest(target))
-            return result
+            return None
         module.fail_json(
             msg=f"cannot list model {p['model_id']}@{p['revision']} at {p['endpoint']}: {exc}"
         )
-    if not listing:
-        module.fail_json(
-            msg=f"model {p['model_id']}@{p['revision']} at {p['endpoint']} lists no files"
+
+
+def confirmed(module, p, commit):
+    """``commit`` if the branch still points at it after the listing: then the listing is that
+    commit's."""
+    if commit is None:
+        return None
+    again = branch_commit(p["endpoint"], p["model_id"], p["revision"])
+    if again != commit:
+        module.warn(
+            f"branch {p['revision']} of {p['model_id']} resolved to {commit}, then to {again}: "
+            "its commit is not recorded. Pin a tag or a commit for exact roll-backs."
         )
-    result["files"] = len(listing)
-    result["bytes"] = sum(f["size"] for f in listing.values())
+        return None
+    return commit
 
-    if os.path.isdir(target):
-        bad = deep_check(target, listing) if p["verify"] == "deep" else quick_check(target, listing)
-        if not bad:
+
+def intact(module, target, listing, p, commit, result):
+    """Whether the version on disk matches the listing (a manifest gone stale is rewritten)."""
+    bad = deep_check(target, listing) if p["verify"] == "deep" else quick_check(target, listing)
+    if not bad:
+        if not module.check_mode:
             if p["verify"] == "deep":
-                write_manifest_if_stale(target, listing, p)
-            if not link_ok:
-                result["changed"] = True
-                if not module.check_mode:
-                    switch_current(model_dir, version_name)
-            return result
-        result["reverify"] = bad[:20]
-        if p["verify"] == "quick" and bad != ["(no manifest)"]:
-            # Size or mtime moved since verification: find out with a full hash.
-            bad = deep_check(target, listing)
-            if not bad:
-                if not module.check_mode:
-                    write_manifest(target, listing, p)
-                result["changed"] = True
-                return result
-        result["refetch"] = bad[:20]
+                write_manifest_if_stale(target, listing, p, commit)
+            record_commit(target, commit)
+        return True
+    result["reverify"] = bad[:20]
+    if p["verify"] == "quick" and bad != ["(no manifest)"]:
+        # Size or mtime moved since verification: find out with a full hash.
+        bad = deep_check(target, listing)
+        if not bad:
+            if not module.check_mode:
+                write_manifest(target, listing, p, commit)
+            result["changed"] = True
+            return True
+    result["refetch"] = bad[:20]
+    return False
 
+
+def make_current(module, model_dir, version_name, result):
+    link = os.path.join(model_dir, "current")
+    if os.path.islink(link) and os.readlink(link) == version_name:
+        return
     result["changed"] = True
-    if module.check_mode:
-        return result
+    if not module.check_mode:
+        switch_current(model_dir, version_name)
 
+
+def stage_and_publish(module, model_dir, version_name, listing, p, commit, result):
+    target = os.path.join(model_dir, version_name)
+    staging = os.path.join(model_dir, STAGING, version_name)
     os.makedirs(staging, exist_ok=True)
     if os.path.isdir(target):
         # Start the staging copy from the verified files of the current version (hard links).
@@ -276,14 +529,14 @@ def run(module):
             "The served model is untouched.",
             staging=staging,
         )
-    write_manifest(staging, listing, p)
+    write_manifest(staging, listing, p, commit)
     top_level = {name.split("/")[0] for name in listing}
     for leftover in os.listdir(staging):
         if leftover not in top_level and leftover != MANIFEST:
             full = os.path.join(staging, leftover)
             shutil.rmtree(full) if os.path.isdir(full) else os.unlink(full)
     if os.path.isdir(target):
-        aside = os.path.join(model_dir, f".replaced-{version_name}-{int(time.time())}")
+        aside = os.path.join(model_dir, f"{REPLACED}{version_name}-{int(time.time())}")
         os.rename(target, aside)
         os.rename(staging, target)
         shutil.rmtree(aside)
@@ -291,7 +544,66 @@ def run(module):
     else:
         os.rename(staging, target)
     switch_current(model_dir, version_name)
-    result["pruned"] = prune(model_dir, p["keep_versions"], version_name)
+
+
+def sync_version(module, model_dir, version_name, listing, p, commit, result):
+    """Make ``version_name`` a verified copy of the listing and point ``current`` at it."""
+    target = os.path.join(model_dir, version_name)
+    if os.path.isdir(target) and intact(module, target, listing, p, commit, result):
+        make_current(module, model_dir, version_name, result)
+        return
+    result["changed"] = True
+    if not module.check_mode:
+        stage_and_publish(module, model_dir, version_name, listing, p, commit, result)
+
+
+def run(module):
+    p = module.params
+    model_dir = os.path.join(p["root"], p["model_id"])
+    version_name = p["revision"].replace("/", "_")
+    target = os.path.join(model_dir, version_name)
+    link = os.path.join(model_dir, "current")
+    result = {"changed": False, "path": target, "current": link, "revision": p["revision"]}
+
+    commit = branch_commit(p["endpoint"], p["model_id"], p["revision"])
+    listing = fetch_listing(module, p, target, result)
+    if listing is None:
+        return result
+    if not listing:
+        module.fail_json(
+            msg=f"model {p['model_id']}@{p['revision']} at {p['endpoint']} lists no files"
+        )
+    commit = confirmed(module, p, commit)
+    if commit:
+        result["commit_id"] = commit
+    result["files"] = len(listing)
+    result["bytes"] = sum(f["size"] for f in listing.values())
+
+    if module.check_mode:
+        sync_version(module, model_dir, version_name, listing, p, commit, result)
+        return result
+    os.makedirs(model_dir, exist_ok=True)
+    with model_lock(module, model_dir, p) as waited:
+        result.update(waited_for_lock=waited, collected=[], pruned=[], freed_bytes=0)
+        previous = version_named(model_dir, "current") if os.path.islink(link) else None
+        protected = {version_named(model_dir, entry): "protect" for entry in p["protect"]}
+        protected[previous] = "current before this run"
+        protected[version_name] = "this run's"
+        protected.pop(None, None)
+        collect(model_dir, leftovers(model_dir, keep_staging=version_name), result)
+
+        sync_version(module, model_dir, version_name, listing, p, commit, result)
+        # Left over from a run that was interrupted after its download.
+        collect(model_dir, leftovers(model_dir, keep_staging=None), result)
+        old_history = read_history(model_dir)
+        history = made_current(made_current(old_history, previous), version_name)
+        prune(module, model_dir, p["keep_versions"], protected, history, result)
+        on_disk = set(published_versions(model_dir))
+        history = [e for e in history if e["version"] in on_disk]
+        if history != old_history:
+            write_json(os.path.join(model_dir, HISTORY_FILE), {"made_current": history})
+        if result["collected"] or result["pruned"]:
+            result["changed"] = True
     return result
 
 
@@ -302,10 +614,10 @@ def read_listing_from_manifest(directory):
     }
 
 
-def write_manifest_if_stale(directory, listing, p):
+def write_manifest_if_stale(directory, listing, p, commit):
     manifest = read_manifest(directory)
     if not manifest or quick_check(directory, listing):
-        write_manifest(directory, listing, p)
+        write_manifest(directory, listing, p, commit)
 
 
 def main():
@@ -318,6 +630,8 @@ def main():
             "verify": {"type": "str", "default": "quick", "choices": ["quick", "deep"]},
             "max_workers": {"type": "int", "default": 4},
             "keep_versions": {"type": "int", "default": 2},
+            "protect": {"type": "list", "elements": "str", "default": []},
+            "lock_timeout": {"type": "int", "default": 3600},
             "space_margin": {"type": "float", "default": 0.05},
         },
         supports_check_mode=True,

@@ -152,6 +152,7 @@ CASES = [
     Case("health-failures-zero", {VLLM + "health_failures": 0}, "at least 1"),
     Case("start-timeout-5", {VLLM + "start_timeout": 5}, "at least 30 seconds"),
     Case("keep-versions-zero", {"model_keep_versions": 0}, "at least 1"),
+    Case("site-keep-versions-zero", {"servekit_model_keep_versions": 0}, "set e.g. 2", "=0 "),
     Case("max-workers-zero", {"model_max_workers": 0}, "at least 1"),
     Case("min-free-negative", {"preflight_min_free_gb": -1}, "set the GB"),
     # Formats.

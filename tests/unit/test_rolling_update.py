@@ -214,6 +214,12 @@ BAD_SETTINGS = [
     ("batch-everyone", {"servekit_rolling_batch": 3}, "updates all 3 hosts", "smaller batch"),
     ("batch-100%", {"servekit_rolling_batch": "100%"}, "updates all 3 hosts", "make deploy"),
     ("one-model-version", {"model_keep_versions": 1}, "model_keep_versions=1", "set 2 or more"),
+    (
+        "one-model-version-site-wide",
+        {"servekit_model_keep_versions": 1},
+        "servekit_model_keep_versions=1",
+        "set 2 or more",
+    ),
     ("ready-zero", {"rolling_update_ready_timeout": 0}, "rolling_update_ready_timeout", "at least"),
 ]
 
