@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-# SANDBOX_HOSTS=N (N > 1): a sandbox fleet, N hosts behind a gateway on localhost:8000,
+# SANDBOX_HOSTS=N (N > 1): a sandbox fleet, N hosts behind a gateway on localhost:8080,
 # with the inventory that `servekit sandbox up --gateway` writes.
 SANDBOX_HOSTS ?= 1
 SANDBOX_FLEET := $(filter-out 0 1,$(SANDBOX_HOSTS))
@@ -102,7 +102,7 @@ test: venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end,
 	@scripts/prepare-sandbox start
 	@scripts/phase lint $(MAKE) --no-print-directory lint || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
 	@# One session: the single-host modules, then the fleet (3 hosts + gateway), which takes the
-	@# single host over as its first host, then the lifecycle module, which purges the sandbox.
+	@# single host over as it is as its first host, then the lifecycle module, which purges.
 	SERVEKIT_PREPARED_DEPLOY=$(CURDIR)/reports/deploy-1.rc pytest tests/unit tests/e2e -q $(PYTEST_ARGS) || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
 	@scripts/phase-table $(PHASES)
 

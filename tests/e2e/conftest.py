@@ -62,8 +62,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # Modules that change the sandbox for good run after the single-host ones, in this order: the
-# fleet takes the single host over as its first host (recreated on other ports, its volumes
-# kept), and the lifecycle module ends with `down(purge=True)`.
+# fleet takes the single host over as its first host, and the lifecycle module ends with
+# `down(purge=True)`.
 LAST = {"test_fleet_live.py": 1, "test_sandbox_host.py": 2}
 
 

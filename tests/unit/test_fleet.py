@@ -157,15 +157,16 @@ def test_gateway_host_checks_are_their_own_module():
 # ---------------------------------------------------------------------- sandbox fleet mode
 
 
-def test_single_host_mode_keeps_its_ports_and_fleet_mode_frees_8000():
+def test_hosts_keep_their_ports_in_a_fleet_and_the_gateway_takes_8080():
+    """A single host becomes a fleet's first host as it is: no port of it moves."""
     assert (state.ssh_port(1), fleet.api_port(1)) == (2222, 8000)
-    assert [fleet.api_port(n, True) for n in (1, 2, 3)] == [8001, 8002, 8003]
-    kw = host_run_kwargs(2, "172.17.0.1", fleet_mode=True)
-    assert kw["ports"] == {"22/tcp": ("127.0.0.1", 2223), "8000/tcp": ("127.0.0.1", 8002)}
+    assert [fleet.api_port(n) for n in (1, 2, 3)] == [8000, 8001, 8002]
+    kw = host_run_kwargs(2, "172.17.0.1")
+    assert kw["ports"] == {"22/tcp": ("127.0.0.1", 2223), "8000/tcp": ("127.0.0.1", 8001)}
     assert host_run_kwargs(1, "172.17.0.1")["ports"]["8000/tcp"] == ("127.0.0.1", 8000)
     gw = gateway_run_kwargs("172.17.0.1")
     assert gw["name"] == "servekit-gateway" and gw["hostname"] == "sandbox-gateway"
-    assert gw["ports"] == {"22/tcp": ("127.0.0.1", 2221), "8000/tcp": ("127.0.0.1", 8000)}
+    assert gw["ports"] == {"22/tcp": ("127.0.0.1", 2221), "8000/tcp": ("127.0.0.1", 8080)}
     assert gw["labels"] == {"servekit.role": "sandbox-gateway"}  # not a sandbox host
     assert "/var/lib/docker" not in json.dumps(gw["volumes"])  # no nested Docker
     for bad in ((0, True), (-1, False)):
@@ -182,14 +183,14 @@ def hosts_and_gateway() -> tuple[list[SandboxHost], SandboxHost]:
             f"id{n}",
             "127.0.0.1",
             state.ssh_port(n),
-            fleet.api_port(n, True),
+            fleet.api_port(n),
             state.host_volume(n),
             address=f"172.17.0.{n + 2}",
         )
         for n in (1, 2, 3)
     ]
     gateway = SandboxHost(
-        0, "servekit-gateway", "sandbox-gateway", "gw", "127.0.0.1", 2221, 8000, "", "172.17.0.9"
+        0, "servekit-gateway", "sandbox-gateway", "gw", "127.0.0.1", 2221, 8080, "", "172.17.0.9"
     )
     return hosts, gateway
 
@@ -211,11 +212,11 @@ def test_fleet_inventory_reads_back_with_the_sandbox_group_vars(tmp_path):
     assert data["gateway"]["hosts"] == ["sandbox-gateway"]
     hv = data["_meta"]["hostvars"]
     assert hv["sandbox-2"]["ansible_port"] == 2223
-    assert hv["sandbox-2"]["servekit_probe_url"] == "http://127.0.0.1:8002"
+    assert hv["sandbox-2"]["servekit_probe_url"] == "http://127.0.0.1:8001"
     assert hv["sandbox-2"]["servekit_gateway_backend_address"] == "172.17.0.4"
     assert hv["sandbox-2"]["servekit_accelerator"] == "cpu"  # the sandbox's group vars
     gw = hv["sandbox-gateway"]
-    assert (gw["ansible_port"], gw["servekit_probe_url"]) == (2221, "http://127.0.0.1:8000")
+    assert (gw["ansible_port"], gw["servekit_probe_url"]) == (2221, "http://127.0.0.1:8080")
     assert gw["ansible_user"] == "root" and gw["gateway_allow_unauthenticated"] is True
     # Rewriting is idempotent; single-host mode removes it all.
     assert fleet.write_inventory(tmp_path / "inventory", hosts, gateway, ROOT) == inventory
@@ -229,7 +230,7 @@ def test_verify_targets_of_the_sandbox_fleet(tmp_path):
     (lb,) = gateway_targets(inventory, env={})
     assert (lb.host, lb.url, lb.api_key_source) == (
         "sandbox-gateway",
-        "http://127.0.0.1:8000",
+        "http://127.0.0.1:8080",
         "none",
     )
 

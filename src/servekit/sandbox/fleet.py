@@ -3,10 +3,11 @@
 Single-host mode (the default, what `make deploy` brings up) is unchanged: host 1 answers
 SSH on 127.0.0.1:2222 and its API on 127.0.0.1:8000, with `inventory/sandbox/hosts.yml`.
 
-Fleet mode (`up(hosts=N, gateway=True)`, `make deploy SANDBOX_HOSTS=N`) gives 127.0.0.1:8000
-to the gateway container, so the hosts' APIs move one port up (host n on 8000+n), and writes
-an inventory of its own, ``.sandbox/inventory/hosts.yml``, whose ``group_vars`` is a link to
-the sandbox's (``inventory/sandbox/group_vars``): the same settings, more hosts.
+Fleet mode (`up(hosts=N, gateway=True)`, `make deploy SANDBOX_HOSTS=N`) adds the gateway
+container, its endpoint on 127.0.0.1:8080; the hosts keep the ports of single-host mode (host n
+on 7999+n), so a single host becomes a fleet's first host as it is, still serving. It writes an
+inventory of its own, ``.sandbox/inventory/hosts.yml``, whose ``group_vars`` is a link to the
+sandbox's (``inventory/sandbox/group_vars``): the same settings, more hosts.
 
 The gateway reaches each host on the Docker bridge at the host container's address (the
 default bridge has no DNS names), so the inventory gives it as
@@ -29,11 +30,10 @@ from .state import SandboxHost
 GATEWAY_CONTAINER = "servekit-gateway"
 GATEWAY_HOSTNAME = "sandbox-gateway"
 GATEWAY_SSH_PORT = 2221
-GATEWAY_API_PORT = 8000
+GATEWAY_API_PORT = 8080
 ROLE_GATEWAY = "sandbox-gateway"
 
-SINGLE_API_PORT_BASE = 7999  # host 1 -> 8000, as ever
-FLEET_API_PORT_BASE = 8000  # host 1 -> 8001: the gateway holds 8000
+API_PORT_BASE = 7999  # host 1 -> 8000
 
 SANDBOX_GROUP_VARS = Path("inventory") / "sandbox" / "group_vars"  # under the checkout
 
@@ -44,12 +44,11 @@ HEADER = """\
 """
 
 
-def api_port(n: int, fleet: bool = False) -> int:
-    """Where host ``n``'s API is published on this machine: host 1 -> 8000 alone, 8001 in a
-    fleet (the gateway holds 8000)."""
+def api_port(n: int) -> int:
+    """Where host ``n``'s API is published on this machine: host 1 -> 8000, host 2 -> 8001..."""
     if n < 1:
         raise ValueError(f"sandbox hosts are numbered from 1, got {n}")
-    return (FLEET_API_PORT_BASE if fleet else SINGLE_API_PORT_BASE) + n
+    return API_PORT_BASE + n
 
 
 def check_request(hosts: int, gateway: bool) -> None:

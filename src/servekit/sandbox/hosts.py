@@ -122,14 +122,14 @@ def _systemd_host_kwargs(
     }
 
 
-def host_run_kwargs(n: int, gateway: str, fleet_mode: bool = False) -> dict:
+def host_run_kwargs(n: int, gateway: str) -> dict:
     """The container settings of sandbox host ``n`` (systemd as PID 1, nested Docker)."""
     return _systemd_host_kwargs(
         host_container(n),
         host_hostname(n),
         {ROLE_LABEL: ROLE_HOST, INDEX_LABEL: str(n)},
         ssh_port(n),
-        fleet.api_port(n, fleet_mode),
+        fleet.api_port(n),
         gateway,
         host_disks(n),
     )
@@ -161,7 +161,7 @@ def seed_compile_cache(client, n: int, image: str, progress: Progress) -> None:
 
 
 def gateway_run_kwargs(gateway: str) -> dict:
-    """The gateway host: a sandbox host without nested Docker, owning 127.0.0.1:8000."""
+    """The gateway host: a sandbox host without nested Docker, its endpoint on 127.0.0.1:8080."""
     return _systemd_host_kwargs(
         fleet.GATEWAY_CONTAINER,
         fleet.GATEWAY_HOSTNAME,
@@ -180,19 +180,18 @@ def ensure_host(
     pubkey: str,
     paths: SandboxPaths,
     progress: Progress,
-    fleet_mode: bool = False,
 ) -> SandboxHost:
     """Sandbox host ``n``, running and reachable over SSH (made, or started, if needed)."""
     name = host_container(n)
-    ssh, api = ssh_port(n), fleet.api_port(n, fleet_mode)
+    ssh, api = ssh_port(n), fleet.api_port(n)
     container = get_container(client, name)
     if container is not None and container.image.id != client.images.get(image).id:
         progress(f"  {name} runs an older sandbox-host image; `down` and `up` to recreate it")
     published = published_port(container) if container is not None else None
     if container is not None and published not in (None, api):
-        # Between single-host and fleet mode the API port moves: recreate the container
-        # (its volumes, with the pulled vLLM image and the compile cache, stay); a deploy
-        # re-converges it.
+        # A host made by an older servekit, whose fleet mode moved the API port: recreate the
+        # container (its volumes, with the pulled vLLM image and the compile cache, stay); a
+        # deploy re-converges it.
         progress(f"  {name} publishes its API on {published}, not {api}: recreating it")
         remove_container(client, container, progress, frozenset(host_disks(n)))
         container = None
@@ -200,7 +199,7 @@ def ensure_host(
         ensure_volume(client, host_volume(n))
         if ensure_volume(client, cache_volume(n)):
             seed_compile_cache(client, n, image, progress)
-        container = client.containers.create(image, **host_run_kwargs(n, gateway, fleet_mode))
+        container = client.containers.create(image, **host_run_kwargs(n, gateway))
         container.put_archive("/root", authorized_keys_tar(pubkey))
         start(container, ssh, api)
     else:

@@ -15,8 +15,8 @@
   ``servekit-control`` is this machine (the bridge gateway), so an inventory can say
   ``servekit-control:5000`` and ``http://servekit-control:8090``;
 * with ``gateway=True`` (fleet mode, ``servekit.sandbox.fleet``), one more such host,
-  ``servekit-gateway``, SSH on 127.0.0.1:2221, its port 8000 on 127.0.0.1:8000; the hosts'
-  ports 8000 then move to 127.0.0.1:8000+N, and ``.sandbox/inventory/hosts.yml`` lists them all.
+  ``servekit-gateway``, SSH on 127.0.0.1:2221, its port 8000 on 127.0.0.1:8080; the hosts keep
+  their ports, and ``.sandbox/inventory/hosts.yml`` lists them all.
 
 Everything it made is recorded in ``.sandbox/state.json`` (``servekit.sandbox.state``);
 ``down()`` removes it all. Both are idempotent: ``up()`` reuses what already runs.
@@ -105,14 +105,12 @@ def up(hosts: int = 1, *, gateway: bool = False, progress: Progress = print) -> 
             mirror_pid = ensure_mirror(paths, bridge, progress)
 
         if not fleet_mode:
-            remove_gateway(client, progress)  # frees 127.0.0.1:8000 for host 1
+            remove_gateway(client, progress)
         sandbox_hosts = []
         for n in range(1, hosts + 1):
             with step(progress, f"sandbox host {host_container(n)} (ssh 127.0.0.1:{ssh_port(n)})"):
                 sandbox_hosts.append(
-                    ensure_host(
-                        client, n, refs["sandbox-host"], bridge, pubkey, paths, progress, fleet_mode
-                    )
+                    ensure_host(client, n, refs["sandbox-host"], bridge, pubkey, paths, progress)
                 )
         remove_extra_hosts(client, hosts, progress)
         gateway_host = None
