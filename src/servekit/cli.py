@@ -81,6 +81,8 @@ def _cmd_k8s_values(args: argparse.Namespace) -> int:
             image=args.image,
             resources=resources,
             secret_name=args.secret_name,
+            storage_class=args.storage_class,
+            download_allowance=args.download_allowance,
         )
     except (K8sValuesError, InventoryError) as exc:
         print(f"servekit k8s-values: {exc}", file=sys.stderr)
@@ -216,16 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="Helm values for the vLLM production-stack chart, from the inventory",
         description="Prints values.yaml for the vllm-stack chart "
         "(https://github.com/vllm-project/production-stack): one modelSpec per distinct "
-        "serving configuration of the group's hosts, replicaCount = hosts sharing it. The API "
-        "key becomes a reference to a Kubernetes Secret, never the key.",
+        "serving configuration of the group's hosts, replicaCount = hosts sharing it, one "
+        "shared model volume, no spare pods on updates. The API key becomes a reference to a "
+        "Kubernetes Secret, never the key.",
     )
     k.add_argument("--inventory", required=True)
     k.add_argument("--group", default="gpu_hosts")
     k.add_argument("--image", help="image instead of the inventory's (name:tag@sha256:...)")
     k.add_argument("--request-cpu", type=int, help="CPUs per replica (default 8)")
     k.add_argument("--request-memory", help="memory per replica (default 32Gi)")
-    k.add_argument("--pvc-storage", help="model volume per replica (default 50Gi)")
+    k.add_argument("--pvc-storage", help="size of the shared model volume (default 50Gi)")
     k.add_argument("--secret-name", default="servekit-vllm-api-key", help="Secret with the key")
+    k.add_argument(
+        "--storage-class",
+        help="storage class of the model volume the replicas share; it must provide "
+        "ReadWriteMany volumes when there is more than one (default: the inventory's "
+        "servekit_k8s_storage_class)",
+    )
+    k.add_argument(
+        "--download-allowance",
+        type=int,
+        help="seconds a pod may take to download the model before its start budget "
+        "(vllm_service_start_timeout) begins (default: the inventory's "
+        "servekit_k8s_download_allowance, else 1800)",
+    )
     k.set_defaults(func=_cmd_k8s_values)
 
     m = sub.add_parser("mirror", help="ModelScope-compatible model mirror")

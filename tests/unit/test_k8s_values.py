@@ -2,7 +2,11 @@
 
 Real inventories read with the real `ansible-inventory`; the output parsed as YAML and
 compared field by field with the variables it comes from (the chart's own names:
-servingEngineSpec.modelSpec[], vllmConfig, vllmApiKey as a Secret reference).
+servingEngineSpec.modelSpec[], vllmConfig, vllmApiKey as a Secret reference). Then merged
+over the chart's defaults at the pinned commit, as Helm does, validated against its schema,
+and read the way its templates read it (tests/unit/production_stack.py): one claim the
+replicas can share, the ModelScope cache on it, /dev/shm a Kubernetes quantity, no GPU
+runtime class for CPU, a startup probe that outlasts download and start, no spare pods.
 """
 
 from __future__ import annotations
@@ -16,9 +20,29 @@ from pathlib import Path
 
 import pytest
 import yaml
+from production_stack import (
+    QUANTITY,
+    chart_defaults,
+    claims,
+    engine_pods,
+    engine_strategy,
+    helm_merge,
+    install,
+    on_claim,
+    probe_window,
+)
 
 from servekit.images import vllm_version
-from servekit.k8s import K8sValuesError, k8s_name, render, split_image, values_from_inventory
+from servekit.k8s import (
+    CHART_VERSION,
+    DEFAULT_DOWNLOAD_ALLOWANCE,
+    K8sValuesError,
+    k8s_name,
+    render,
+    split_image,
+    values,
+    values_from_inventory,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGEST = "sha256:" + "ab" * 32
@@ -70,6 +94,7 @@ def fleet(tmp_path) -> Path:
         vllm_service_extra_args: [--enable-auto-tool-choice, --tool-call-parser, hermes]
         vllm_service_env: {{VLLM_LOGGING_LEVEL: INFO}}
         vllm_service_api_key: {SECRET}
+        servekit_k8s_storage_class: nfs-rwx
         """,
     )
 
@@ -81,7 +106,14 @@ def test_values_map_the_inventory_onto_the_chart(fleet):
     data = yaml.safe_load(proc.stdout)
     engine = data["servingEngineSpec"]
     assert engine["vllmApiKey"] == {"secretName": "servekit-vllm-api-key", "secretKey": "api-key"}
-    assert "kubectl create secret generic servekit-vllm-api-key" in proc.stdout
+    assert (
+        f"helm install vllm vllm/vllm-stack --version {CHART_VERSION} -f values.yaml" in proc.stdout
+    )
+    # The key goes to kubectl on stdin, never in a command line.
+    assert "kubectl create secret generic servekit-vllm-api-key --from-file=api-key=/dev/stdin" in (
+        proc.stdout
+    )
+    assert "--from-literal" not in proc.stdout
     one, four = engine["modelSpec"]
     # Three hosts share one configuration: one spec, three replicas; the 4-GPU host its own.
     assert (one["name"], one["replicaCount"], one["requestGPU"]) == ("qwen3-8b", 3, 1)
@@ -108,6 +140,7 @@ def test_values_map_the_inventory_onto_the_chart(fleet):
     }
     assert one["env"] == [
         {"name": "VLLM_USE_MODELSCOPE", "value": "True"},
+        {"name": "MODELSCOPE_CACHE", "value": "/data/shared-pvc-storage/modelscope"},
         {"name": "MODELSCOPE_ENDPOINT", "value": "http://mirror.lan:8090"},
         {"name": "VLLM_LOGGING_LEVEL", "value": "INFO"},
     ]
@@ -124,7 +157,11 @@ def test_the_shipped_example_inventory(tmp_path):
     (inventory / "images.lock.yml").write_text(
         yaml.safe_dump({"images": {tag: {"digest": DIGEST, "resolved": "2026-12-06T10:00:00Z"}}})
     )
-    data = values_from_inventory(inventory / "hosts.yml")
+    # Two hosts, two pods: their model volume must be ReadWriteMany, which needs a class.
+    with pytest.raises(K8sValuesError, match=r"servekit_k8s_storage_class .* --storage-class"):
+        values_from_inventory(inventory / "hosts.yml")
+    data = values_from_inventory(inventory / "hosts.yml", storage_class="cephfs")
+    install(data)
     specs = data["servingEngineSpec"]["modelSpec"]
     # gpu-02 has two GPUs (host_vars/gpu-02.yml).
     assert [(s["replicaCount"], s["vllmConfig"]["tensorParallelSize"]) for s in specs] == [
@@ -133,7 +170,10 @@ def test_the_shipped_example_inventory(tmp_path):
     ]
     assert specs[0]["repository"] == "docker.io/vllm/vllm-openai"
     assert specs[0]["tag"] == f"v{vllm_version(ROOT)}@{DIGEST}"
-    assert specs[0]["env"] == [{"name": "VLLM_USE_MODELSCOPE", "value": "True"}]
+    assert specs[0]["env"] == [
+        {"name": "VLLM_USE_MODELSCOPE", "value": "True"},
+        {"name": "MODELSCOPE_CACHE", "value": "/data/shared-pvc-storage/modelscope"},
+    ]
     # The example's key is a vault reference: a Secret reference, nothing of the key.
     assert data["servingEngineSpec"]["vllmApiKey"]["secretName"] == "servekit-vllm-api-key"
     assert "vault" not in json.dumps(data)
@@ -172,11 +212,16 @@ def test_the_image_is_the_locked_digest_of_the_hosts_tag(tmp_path):
     )
     proc = cli("--inventory", str(inventory / "hosts.yml"))
     assert proc.returncode == 0, proc.stderr
-    (spec,) = yaml.safe_load(proc.stdout)["servingEngineSpec"]["modelSpec"]
+    data = yaml.safe_load(proc.stdout)
+    (spec,) = data["servingEngineSpec"]["modelSpec"]
     assert spec["repository"] == "servekit-control:5000/servekit/vllm-cpu"
     assert spec["tag"] == f"v{vllm_version(ROOT)}@{DIGEST}"
-    # The sandbox serves on CPU: no GPUs requested.
+    # The sandbox serves on CPU: no GPUs requested, and no GPU runtime class, which the
+    # chart's defaults would otherwise give every pod.
     assert spec["requestGPU"] == 0
+    (pod,) = engine_pods(install(data))
+    assert pod.runtime_class is None
+    assert "gpuMemoryUtilization" not in spec["vllmConfig"]
     proc = cli("--inventory", str(inventory / "hosts.yml"), "--image", f"reg:5000/v@{DIGEST}")
     assert proc.returncode == 0, proc.stderr
     (spec,) = yaml.safe_load(proc.stdout)["servingEngineSpec"]["modelSpec"]
@@ -209,3 +254,204 @@ def test_k8s_names():
     assert k8s_name("Qwen3-8B") == "qwen3-8b"
     assert k8s_name("org/Model_v2.1") == "org-model-v2-1"
     assert k8s_name("___") == "model"
+
+
+# --- Checked against the chart (tests/fixtures/production-stack/, vllm-stack 0.1.12) ---
+
+IMAGE = f"registry.lan:5000/vllm/vllm-openai:v0.13.0@{DIGEST}"
+START_TIMEOUT = 900  # the vllm_service default
+
+
+def ten_host_inventory(tmp_path: Path) -> Path:
+    """Ten hosts, three tensor parallel sizes, a mirror, Docker's shm syntax and a key."""
+    one_gpu = "".join(f"        gpu-{n:02d}: {{ansible_host: 10.0.0.{n}}}\n" for n in range(1, 7))
+    two_gpus = "".join(
+        f"        gpu-{n:02d}: {{ansible_host: 10.0.0.{n}, vllm_service_tensor_parallel_size: 2}}\n"
+        for n in range(7, 10)
+    )
+    four_gpus = "        gpu-10: {ansible_host: 10.0.0.10, vllm_service_tensor_parallel_size: 4}\n"
+    hosts = "all:\n  children:\n    gpu_hosts:\n      hosts:\n"
+    return write(
+        tmp_path,
+        hosts + textwrap.indent(one_gpu + two_gpus + four_gpus, "  "),
+        f"""
+        servekit_model_id: Qwen/Qwen3-8B
+        servekit_model_revision: v1.0.2
+        servekit_model_endpoint: http://mirror.lan:8090/
+        vllm_service_image: {IMAGE}
+        vllm_service_shm_size: 8g
+        vllm_service_api_key: {SECRET}
+        servekit_k8s_storage_class: nfs-rwx
+        """,
+    )
+
+
+def test_ten_hosts_with_mixed_tensor_parallel_sizes_install_and_work(tmp_path):
+    proc = cli("--inventory", str(ten_host_inventory(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert SECRET not in proc.stdout
+    data = yaml.safe_load(proc.stdout)
+    chart = install(data)  # merged over the chart's defaults, valid for its schema
+    pods = engine_pods(chart)
+
+    # One values file serves the mixed sizes: one spec per size, each pod its size in GPUs.
+    assert [
+        (
+            p.spec["name"],
+            p.spec["replicaCount"],
+            p.spec["requestGPU"],
+            p.spec["vllmConfig"]["tensorParallelSize"],
+        )
+        for p in pods
+    ] == [("qwen3-8b", 6, 1, 1), ("qwen3-8b-2", 3, 2, 2), ("qwen3-8b-3", 1, 4, 4)]
+    assert {p.spec["vllmConfig"]["extraArgs"][1] for p in pods} == {"Qwen3-8B"}
+
+    # Storage: all ten pods, on any node, mount one ReadWriteMany claim of the given class.
+    (claim,) = claims(chart).values()
+    assert (claim.pods, claim.access_modes, claim.storage_class) == (
+        10,
+        ("ReadWriteMany",),
+        "nfs-rwx",
+    )
+    for pod in pods:
+        # vLLM downloads with ModelScope: its cache, not only HF_HOME, lies on that claim.
+        assert on_claim(pod.env["MODELSCOPE_CACHE"], pod) == claim.name
+        assert on_claim(pod.env["HF_HOME"], pod) == claim.name
+        assert pod.env["VLLM_USE_MODELSCOPE"] == "True"
+        assert pod.env["MODELSCOPE_ENDPOINT"] == "http://mirror.lan:8090"
+        # Docker's 8g is 8 GiB: a quantity Kubernetes reads the same way.
+        assert pod.shm_size_limit == "8Gi"
+        assert QUANTITY.match(pod.shm_size_limit)
+        assert pod.runtime_class == "nvidia"
+        assert f"{pod.spec['repository']}:{pod.spec['tag']}" == IMAGE
+
+    # Updates replace a pod, never add one: no GPU has to be free.
+    assert engine_strategy(chart)["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    # A first start downloads, then starts within the hosts' budget: the probe waits for both.
+    startup = chart["servingEngineSpec"]["startupProbe"]
+    budget = START_TIMEOUT + DEFAULT_DOWNLOAD_ALLOWANCE
+    assert budget <= probe_window(startup) < budget + startup["periodSeconds"] + 15
+    assert startup["httpGet"] == {"path": "/health", "port": 8000}
+    # The key: a reference the chart reads from an existing Secret, for pods and router.
+    api_key = chart["servingEngineSpec"]["vllmApiKey"]
+    assert api_key == {"secretName": "servekit-vllm-api-key", "secretKey": "api-key"}
+
+
+def test_what_the_chart_defaults_would_do():
+    # The checks above can fail: the chart's own defaults fail them.
+    chart = install({})
+    example = dict(chart["servingEngineSpec"]["modelSpec"][0], enabled=True, replicaCount=3)
+    chart = helm_merge(chart, {"servingEngineSpec": {"modelSpec": [example]}})
+    (pod,) = engine_pods(chart)
+    (claim,) = claims(chart).values()
+    assert claim.pods == 3 and claim.access_modes == ("ReadWriteOnce",)
+    assert on_claim("/root/.cache/modelscope", pod) is None
+    assert not QUANTITY.match("8g")
+    assert engine_strategy(chart)["rollingUpdate"]["maxSurge"] != 0
+    assert probe_window(chart["servingEngineSpec"]["startupProbe"]) < START_TIMEOUT
+
+
+def host_values(**hosts: dict) -> dict:
+    """`values` for inventory variables given here (no lock, the image set)."""
+    return {name: {"vllm_service_image": IMAGE, **hv} for name, hv in hosts.items()}
+
+
+def test_one_host_needs_no_shared_storage_class():
+    data = values(host_values(g1={}))
+    chart = install(data)
+    (pod,) = engine_pods(chart)
+    (claim,) = claims(chart).values()
+    # One pod: a ReadWriteOnce claim of the cluster's default class does.
+    assert (claim.pods, claim.access_modes, claim.storage_class) == (1, ("ReadWriteOnce",), None)
+    assert on_claim(pod.env["MODELSCOPE_CACHE"], pod) == claim.name
+    assert "MODELSCOPE_ENDPOINT" not in pod.env
+    assert pod.runtime_class == "nvidia"
+    assert pod.shm_size_limit == "16Gi"
+    # No key on the hosts: the chart's empty reference, which sets no VLLM_API_KEY.
+    assert "vllmApiKey" not in data["servingEngineSpec"]
+    assert chart["servingEngineSpec"]["vllmApiKey"] == {"secretName": "", "secretKey": ""}
+
+
+def test_cpu_hosts_get_neither_gpus_nor_the_gpu_runtime_class():
+    data = values(host_values(c1={"vllm_service_accelerator": "cpu"}, g1={}), storage_class="nfs")
+    cpu, gpu = engine_pods(install(data))
+    assert (cpu.runtime_class, cpu.spec["requestGPU"]) == (None, 0)
+    assert (gpu.runtime_class, gpu.spec["requestGPU"]) == ("nvidia", 1)
+
+
+def test_replicas_need_a_storage_class_given_once():
+    with pytest.raises(K8sValuesError, match=r"2 replicas .* servekit_k8s_storage_class"):
+        values(host_values(g1={}, g2={}))
+    differing = host_values(
+        g1={"servekit_k8s_storage_class": "nfs"}, g2={"servekit_k8s_storage_class": "ceph"}
+    )
+    with pytest.raises(
+        K8sValuesError,
+        match=r"servekit_k8s_storage_class differs between hosts \(g1: 'nfs', g2: 'ceph'\)",
+    ):
+        values(differing)
+    # The command line's class wins over the inventory's.
+    data = values(differing, storage_class="cephfs")
+    (claim,) = claims(install(data)).values()
+    assert (claim.pods, claim.access_modes, claim.storage_class) == (
+        2,
+        ("ReadWriteMany",),
+        "cephfs",
+    )
+
+
+@pytest.mark.parametrize(
+    "docker_size, quantity",
+    [
+        ("8g", "8Gi"),
+        ("16G", "16Gi"),
+        ("512m", "512Mi"),
+        ("64k", "64Ki"),
+        ("100b", "100"),
+        ("1048576", "1048576"),
+    ],
+)
+def test_shm_size_in_dockers_syntax_becomes_a_quantity(docker_size, quantity):
+    data = values(host_values(g1={"vllm_service_shm_size": docker_size}))
+    (pod,) = engine_pods(install(data))
+    assert pod.shm_size_limit == quantity
+    assert QUANTITY.match(quantity)
+
+
+@pytest.mark.parametrize("bad", ["8GB", "1.5g", "8Gi", "0", "8 g", "-1g"])
+def test_shm_size_that_cannot_be_converted_is_refused(bad):
+    with pytest.raises(K8sValuesError) as error:
+        values(host_values(g1={"vllm_service_shm_size": bad}))
+    message = str(error.value)
+    assert f"vllm_service_shm_size={bad!r} of g1" in message
+    assert '"8g", which becomes 8Gi' in message
+
+
+def test_startup_probe_covers_the_slowest_start_plus_the_download():
+    hosts = host_values(g1={}, g2={"vllm_service_start_timeout": 1500})
+    probe = values(hosts, storage_class="nfs")["servingEngineSpec"]["startupProbe"]
+    assert probe_window(probe) >= 1500 + DEFAULT_DOWNLOAD_ALLOWANCE
+    for allowance in ("600", 600):
+        hosts = host_values(g1={"servekit_k8s_download_allowance": allowance})
+        probe = values(hosts)["servingEngineSpec"]["startupProbe"]
+        assert 900 + 600 <= probe_window(probe) < 900 + 600 + probe["periodSeconds"] + 15
+    probe = values(hosts, download_allowance=0)["servingEngineSpec"]["startupProbe"]
+    assert 900 <= probe_window(probe) < 900 + probe["periodSeconds"] + 15
+    with pytest.raises(K8sValuesError, match="servekit_k8s_download_allowance='soon' of g1"):
+        values(host_values(g1={"servekit_k8s_download_allowance": "soon"}))
+
+
+def test_liveness_probe_is_the_hosts_health_timer():
+    chart = install(values(host_values(g1={"vllm_service_health_failures": 5})))
+    live = chart["servingEngineSpec"]["livenessProbe"]
+    assert (live["periodSeconds"], live["timeoutSeconds"], live["failureThreshold"]) == (7, 4, 5)
+    assert live["httpGet"]["path"] == "/health"
+
+
+def test_helm_merge_is_helms():
+    merged = helm_merge(
+        {"a": {"b": 1, "c": [1, 2]}, "d": 1, "e": {"f": 1}},
+        {"a": {"c": [3]}, "d": None, "e": {"g": 2}},
+    )
+    assert merged == {"a": {"b": 1, "c": [3]}, "e": {"f": 1, "g": 2}}
+    assert chart_defaults()["servingEngineSpec"]["runtimeClassName"] == "nvidia"
