@@ -26,14 +26,10 @@ def sandbox_containers(client, role: str) -> list:
 
 def ensure_volume(client, name: str) -> bool:
     """Create volume ``name`` (labelled as the sandbox's) unless it exists; True if made."""
-    from docker.errors import NotFound
-
-    try:
-        client.volumes.get(name)
-    except NotFound:
-        client.volumes.create(name=name, labels={VOLUME_LABEL: "1"})
-        return True
-    return False
+    if volume_exists(client, name):
+        return False
+    client.volumes.create(name=name, labels={VOLUME_LABEL: "1"})
+    return True
 
 
 def volume_exists(client, name: str) -> bool:

@@ -49,8 +49,8 @@ COMPILE_CACHE_DIR = "/var/cache/vllm"
 
 
 def cache_volume(n: int) -> str:
-    """Host ``n``'s compile cache: a volume, like its /var/lib/docker, so that a recreated
-    host (single-host -> fleet mode) keeps what its server compiled."""
+    """Host ``n``'s compile cache: a volume, like its /var/lib/docker, so that a recreated host
+    keeps what its server compiled, and a fleet's new hosts can start with a copy of host 1's."""
     return f"servekit-sandbox-{n}-vllm-cache"
 
 
