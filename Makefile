@@ -31,6 +31,8 @@ export PYTHONUNBUFFERED := 1
 # `make test` writes each phase's wall time here (tests/conftest.py, scripts/phase).
 PHASES := reports/phases.tsv
 test: export SERVEKIT_PHASES := $(CURDIR)/$(PHASES)
+# Every test's outcome and time (JUnit) and the slowest ones at the end of the output.
+TEST_REPORT_ARGS := --junitxml=reports/test.junit.xml --durations=25 --durations-min=5
 
 .PHONY: help venv host-tools sandbox deploy lock-images engine-facts record-fixtures roll verify probe test test-unit test-e2e test-faults test-fleet lint destroy clean
 
@@ -103,7 +105,7 @@ test: venv host-tools ## What CI runs: lint, unit tests, the sandbox end to end,
 	@scripts/phase lint $(MAKE) --no-print-directory lint || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
 	@# One session: the single-host modules, then the fleet (3 hosts + gateway), which takes the
 	@# single host over as it is as its first host, then the lifecycle module, which purges.
-	SERVEKIT_PREPARED_DEPLOY=$(CURDIR)/reports/deploy-1.rc pytest tests/unit tests/e2e -q $(PYTEST_ARGS) || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
+	SERVEKIT_PREPARED_DEPLOY=$(CURDIR)/reports/deploy-1.rc pytest tests/unit tests/e2e -q $(TEST_REPORT_ARGS) $(PYTEST_ARGS) || { scripts/prepare-sandbox stop; scripts/phase-table $(PHASES); exit 1; }
 	@scripts/phase-table $(PHASES)
 
 fault-table: ## Write the fault table of the last make test (reports/faults.json) into README.md
