@@ -241,8 +241,11 @@ def health_timer_restarts() -> int:
 
 def test_api_key_is_enforced_never_leaks_and_verify_needs_it(serving, tmp_path, monkeypatch):
     key_only = json.dumps({"vllm_service_api_key": API_KEY})
+    before = vllm_identity()
     output = ansible_playbook("deploy-with-key", "site.yml", "-e", key_only)
     try:
+        # The route gate reads the new key from its settings file: no restart, no outage.
+        assert vllm_identity() == before, "setting the API key restarted vLLM"
         assert API_KEY not in output, "the key appeared in Ansible's output"
         url = f"{BASE_URL}/v1/models"
         assert requests.get(url, timeout=10).status_code == 401
@@ -278,7 +281,7 @@ def test_api_key_is_enforced_never_leaks_and_verify_needs_it(serving, tmp_path, 
             ["journalctl", "-u", "vllm", "--no-pager"],
         ):
             assert API_KEY not in on_host(*probe).stdout, f"the key leaks through {probe[0]}"
-        assert on_host("stat", "-c", "%a %U", "/etc/vllm/vllm.env").stdout.split() == [
+        assert on_host("stat", "-c", "%a %U", "/etc/vllm/gate/gate.json").stdout.split() == [
             "600",
             "root",
         ]
@@ -340,7 +343,10 @@ def test_firewall_and_metrics_guard_keep_outsiders_out(serving):
         "vllm_service_firewall_allowed_cidrs": ["192.0.2.0/24"],
         "vllm_service_metrics_allowed_cidrs": [],
     }
+    # Neither the firewall nor the gate's /metrics networks restart vLLM when they change.
+    before = vllm_identity()
     ansible_playbook("deploy-firewall-closed", "site.yml", "-e", json.dumps(closed))
+    assert vllm_identity() == before, "closing the firewall restarted vLLM"
     wait_for(started_and_healthy_inside, "healthy behind the firewall", START_BUDGET_S)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{BASE_URL}/health", timeout=5)
@@ -355,6 +361,7 @@ def test_firewall_and_metrics_guard_keep_outsiders_out(serving):
         "vllm_service_metrics_allowed_cidrs": [],
     }
     ansible_playbook("deploy-firewall-open", "site.yml", "-e", json.dumps(api_only))
+    assert vllm_identity() == before, "admitting a network restarted vLLM"
     wait_for(healthy, "reachable once admitted", 60)
     assert requests.get(f"{BASE_URL}/v1/models", timeout=10).status_code == 200
     metrics = requests.get(f"{BASE_URL}/metrics", timeout=10)
@@ -364,6 +371,7 @@ def test_firewall_and_metrics_guard_keep_outsiders_out(serving):
     # Back to the inventory's settings: no rules left behind, /metrics for this machine again.
     restored = ansible_playbook("deploy-firewall-removed")
     assert recap(restored)["sandbox-1"]["changed"] > 0
+    assert vllm_identity() == before, "removing the firewall restarted vLLM"
     wait_for(healthy, "healthy after the firewall is removed", START_BUDGET_S)
     assert on_host("iptables", "-S", "SERVEKIT-VLLM").returncode != 0, "the chain is left"
     assert requests.get(f"{BASE_URL}/metrics", timeout=10).status_code == 200

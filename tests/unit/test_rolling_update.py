@@ -163,6 +163,9 @@ def test_a_failed_host_is_rolled_back_put_back_and_the_roll_out_stops(tmp_path, 
     assert "was rolled back to image" in message and "model version A" in message
     assert "passed verification and serves again" in message
     assert os.readlink(model_dir / "current") == "A", "the previous model version is current"
+    # The record holds the unit and env file only: the route gate's settings stay the
+    # inventory's (applied live), which the roll-back's verification uses.
+    assert sorted(p.name for p in (tmp_path / "rollout").iterdir()) == ["vllm.env", "vllm.service"]
     assert not gateway.server("b1")["drain"], "b1 serves the previous version again"
     # The next batch never started.
     assert "DRAINED b2" not in run.output and not gateway.server("b2")["drain"]

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,9 +19,16 @@ spec = importlib.util.spec_from_file_location("servekit_gate", GATE)
 gate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gate)
 
-ALLOWED = (
-    "/v1/models,/v1/chat/completions,/v1/completions,/tokenize,/detokenize,/health,/ping,/version"
-)
+ALLOWED = [
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/tokenize",
+    "/detokenize",
+    "/health",
+    "/ping",
+    "/version",
+]
 KEY = "k" * 40
 # vLLM 0.32.0's routes that the default list leaves out (its start-up route list, and the
 # unguarded ones vLLM's security guide names).
@@ -56,6 +69,10 @@ async def _app(scope, receive, send):
     await send({"type": "http.response.body", "body": b"vllm:num_requests_running 0\n"})
 
 
+async def _noop(*_):
+    return None
+
+
 ROUTES = (
     "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
     "eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
@@ -71,16 +88,27 @@ def routes(tmp_path_factory) -> str:
     return str(path)
 
 
-def request(
-    path: str,
-    client: str | None = "192.168.1.20",
-    cidrs: str = "",
-    route_file: str = "/nonexistent",
+def write_settings(
+    path: Path,
+    allowed: list[str] = ALLOWED,
+    cidrs: list[str] = (),
     key: str = "",
-    authorization: bytes | None = None,
-    allowed: str = ALLOWED,
     metrics_public: bool = False,
-) -> tuple[int, bytes, dict]:
+) -> Path:
+    """Write the gate's settings as the role does: a new file renamed over the old one."""
+    settings = {
+        "allowed_routes": list(allowed),
+        "metrics_allowed_cidrs": list(cidrs),
+        "metrics_public": metrics_public,
+        "api_key": key,
+    }
+    new = path.with_suffix(".new")
+    new.write_text(json.dumps(settings, indent=2) + "\n")
+    new.replace(path)
+    return path
+
+
+def send_to(app, path: str, client: str | None = "192.168.1.20", authorization=None):
     sent = []
 
     async def send(message):
@@ -98,13 +126,32 @@ def request(
         "headers": headers,
         "client": (client, 51234) if client else None,
     }
-    app = gate.RouteGate(_app, allowed, cidrs, key, metrics_public, route_file)
     asyncio.run(app(scope, receive, send))
     return (
         sent[0]["status"],
         b"".join(m.get("body", b"") for m in sent[1:]),
         dict(sent[0]["headers"]),
     )
+
+
+def request(
+    path: str,
+    client: str | None = "192.168.1.20",
+    cidrs: str = "",
+    route_file: str = "/nonexistent",
+    key: str = "",
+    authorization: bytes | None = None,
+    allowed: list[str] = ALLOWED,
+    metrics_public: bool = False,
+) -> tuple[int, bytes, dict]:
+    """One request through a gate made for it (``cidrs`` comma separated)."""
+    networks = [c for c in cidrs.split(",") if c.strip()]
+    with tempfile.TemporaryDirectory() as directory:
+        config = write_settings(
+            Path(directory) / "gate.json", allowed, networks, key, metrics_public
+        )
+        app = gate.RouteGate(_app, str(config), route_file)
+    return send_to(app, path, client, authorization)
 
 
 @pytest.mark.parametrize("path", CLOSED)
@@ -116,7 +163,7 @@ def test_a_route_off_the_list_is_404_for_everyone(path):
             assert b"vllm:" not in body
 
 
-@pytest.mark.parametrize("path", ALLOWED.split(","))
+@pytest.mark.parametrize("path", ALLOWED)
 def test_without_a_key_every_listed_route_answers(path):
     assert request(path)[0] == 200
 
@@ -146,35 +193,33 @@ def test_health_ping_and_version_never_need_the_key(path):
 
 
 def test_prefix_entries_allow_a_subtree_but_not_a_way_out():
-    allowed = "/health,/v1/responses/*"
+    allowed = ["/health", "/v1/responses/*"]
     assert request("/v1/responses/abc", allowed=allowed)[0] == 200
     assert request("/v1/responses", allowed=allowed)[0] == 404
     assert request("/v1/responses/../../tokenize", allowed=allowed)[0] == 404
     assert request("/v1/responsesx", allowed=allowed)[0] == 404
 
 
-def test_a_websocket_off_the_list_is_closed_before_it_is_accepted():
+def test_a_websocket_off_the_list_is_closed_before_it_is_accepted(tmp_path):
     sent = []
 
     async def send(message):
         sent.append(message)
 
     scope = {"type": "websocket", "path": "/v1/realtime", "headers": [], "client": ("10.0.0.1", 1)}
-    asyncio.run(gate.RouteGate(_app, ALLOWED, "", "", False, "/nonexistent")(scope, None, send))
+    config = str(write_settings(tmp_path / "gate.json"))
+    asyncio.run(gate.RouteGate(_app, config, "/nonexistent")(scope, None, send))
     assert sent == [{"type": "websocket.close", "code": 1008}]
 
 
-def test_lifespan_passes_through():
+def test_lifespan_passes_through(tmp_path):
     seen = []
 
     async def app(scope, receive, send):
         seen.append(scope["type"])
 
-    asyncio.run(
-        gate.RouteGate(app, ALLOWED, "", KEY, False, "/nonexistent")(
-            {"type": "lifespan"}, None, None
-        )
-    )
+    config = str(write_settings(tmp_path / "gate.json", key=KEY))
+    asyncio.run(gate.RouteGate(app, config, "/nonexistent")({"type": "lifespan"}, None, None))
     assert seen == ["lifespan"]
 
 
@@ -217,17 +262,103 @@ def test_no_route_table_means_no_gateway():
     assert gate.default_gateway("/nonexistent") is None
 
 
-def test_the_settings_come_from_the_environment(monkeypatch):
-    monkeypatch.setenv(gate.METRICS_CIDRS_ENV, "192.168.1.0/24")
-    monkeypatch.setenv(gate.ROUTES_ENV, "/health, /v1/models")
-    monkeypatch.setenv(gate.KEY_ENV, KEY)
-    monkeypatch.setenv(gate.METRICS_PUBLIC_ENV, "0")
-
-    async def noop(*_):
-        return None
-
-    made = gate.RouteGate(noop)
+def test_the_settings_file_is_the_one_the_environment_names(tmp_path, monkeypatch):
+    config = write_settings(tmp_path / "gate.json", ["/health", " /v1/models"], ["192.168.1.0/24"])
+    monkeypatch.setenv(gate.CONFIG_ENV, str(config))
+    made = gate.RouteGate(_noop)
     assert made.allows(("192.168.1.20", 1))
     assert not made.allows(("10.0.5.7", 1))
-    assert "/v1/models" in made.routes and "/tokenize" not in made.routes
-    assert made.key == KEY.encode() and made.metrics_public is False
+    assert "/v1/models" in made.settings.routes and "/tokenize" not in made.settings.routes
+    assert made.settings.key == b"" and made.settings.metrics_public is False
+
+
+def test_a_changed_file_applies_on_the_next_request(tmp_path, routes):
+    """A new key, allow-list or /metrics network: the same gate, no restart."""
+    config = write_settings(tmp_path / "gate.json", key=KEY)
+    app = gate.RouteGate(_app, str(config), routes)
+    old, new = f"Bearer {KEY}".encode(), b"Bearer " + b"n" * 40
+    assert send_to(app, "/v1/models", authorization=old)[0] == 200
+    assert send_to(app, "/v1/embeddings", authorization=old)[0] == 404
+    assert send_to(app, "/metrics", "10.0.5.7")[0] == 403
+
+    write_settings(config, [*ALLOWED, "/v1/embeddings"], ["10.0.5.0/24"], "n" * 40)
+    assert send_to(app, "/v1/models", authorization=old)[0] == 401
+    assert send_to(app, "/v1/models", authorization=new)[0] == 200
+    assert send_to(app, "/v1/embeddings", authorization=new)[0] == 200
+    assert send_to(app, "/metrics", "10.0.5.7")[0] == 200
+    assert send_to(app, "/metrics", "172.18.0.1")[0] == 200  # the host itself, still
+
+    # Rewritten in place (same inode), the key removed: a different size, read again.
+    settings = json.loads(config.read_text()) | {"api_key": ""}
+    config.write_text(json.dumps(settings))
+    assert send_to(app, "/v1/models")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"allowed_routes": ["/health"], "api_key": "' + "n" * 40,  # cut short mid-write
+        json.dumps({"allowed_routes": ["/health"], "api_key": "n" * 40}),  # fields missing
+        json.dumps(
+            {
+                "allowed_routes": ["/health"],
+                "metrics_allowed_cidrs": ["10.0.5.0/33"],
+                "metrics_public": False,
+                "api_key": "n" * 40,
+            }
+        ),
+        b"\xff\xfe" + b"n" * 40,
+        None,  # removed
+    ],
+    ids=["truncated", "incomplete", "bad-network", "not-utf8", "removed"],
+)
+def test_a_bad_rewrite_keeps_the_settings_and_warns_once_without_the_key(tmp_path, caplog, bad):
+    config = write_settings(tmp_path / "gate.json", key=KEY)
+    app = gate.RouteGate(_app, str(config), "/nonexistent")
+    if bad is None:
+        config.unlink()
+    else:
+        config.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
+    with caplog.at_level(logging.WARNING, logger="servekit_gate"):
+        for _ in range(3):
+            assert send_to(app, "/v1/models", authorization=f"Bearer {KEY}".encode())[0] == 200
+            assert send_to(app, "/v1/models", authorization=b"Bearer " + b"n" * 40)[0] == 401
+    warnings = [r for r in caplog.records if r.name == "servekit_gate"]
+    assert len(warnings) == 1, caplog.text
+    assert str(config) in warnings[0].getMessage() and "keeps the settings" in caplog.text
+    assert KEY not in caplog.text and "n" * 40 not in caplog.text
+
+    write_settings(config, key="n" * 40)  # fixed: applies, without another warning
+    assert send_to(app, "/v1/models", authorization=b"Bearer " + b"n" * 40)[0] == 200
+    assert len([r for r in caplog.records if r.name == "servekit_gate"]) == 1
+
+
+def test_a_missing_or_bad_file_at_start_stops_the_gate(tmp_path, monkeypatch):
+    missing = tmp_path / "gate.json"
+    with pytest.raises(gate.GateConfigError, match=f"cannot read {missing}: No such file"):
+        gate.RouteGate(_noop, str(missing))
+    missing.write_text(json.dumps({"allowed_routes": ["/health"], "api_key": KEY}))
+    with pytest.raises(gate.GateConfigError, match="metrics_allowed_cidrs must be a list") as bad:
+        gate.RouteGate(_noop, str(missing))
+    assert KEY not in str(bad.value)
+    monkeypatch.delenv(gate.CONFIG_ENV, raising=False)
+    with pytest.raises(gate.GateConfigError, match=f"{gate.CONFIG_ENV} is not set"):
+        gate.RouteGate(_noop)
+
+
+def test_the_server_does_not_start_on_a_bad_file(tmp_path):
+    """vLLM imports the gate before it serves: a bad file fails that import, with the reason."""
+    config = tmp_path / "gate.json"
+    config.write_text('{"api_key": "' + KEY)
+
+    def load_the_gate():
+        env = {**os.environ, gate.CONFIG_ENV: str(config), "PYTHONPATH": str(GATE.parent)}
+        code = "import servekit_gate"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+    failed = load_the_gate()
+    assert failed.returncode != 0
+    assert f"GateConfigError: {config} is not JSON" in failed.stderr
+    assert KEY not in failed.stderr
+    write_settings(config, key=KEY)
+    assert load_the_gate().returncode == 0

@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 
 from servekit import inventory as inventory_module
 from servekit.images import vllm_version
@@ -636,14 +637,36 @@ def test_deep_host_checks_get_the_option(tmp_path):
 # ---------------------------------------------------------------------- host-check helpers
 
 
-def render_unit(tmp_path: Path, **extra) -> str:
-    """vllm.service as the vllm_service role writes it (test_vllm_unit's site: a lock beside
-    the inventory holding the pinned release at DIGEST)."""
+def render_unit(tmp_path: Path, template: str = "vllm.service.j2", **extra) -> str:
+    """A file as the vllm_service role writes it, vllm.service unless ``template`` says
+    otherwise (test_vllm_unit's site: a lock beside the inventory holding the pinned release
+    at DIGEST)."""
     from test_firewall import render
     from test_vllm_unit import _site
 
     name = f"site-{len(list(tmp_path.iterdir()))}"
-    return render("vllm.service.j2", **_site(tmp_path, name, **extra))
+    return render(template, **_site(tmp_path, name, **extra))
+
+
+def test_the_host_checks_find_the_key_where_the_role_puts_it(tmp_path):
+    """The route gate's settings file holds the key; a VLLM_API_KEY in the env file (through
+    vllm_service_env) is a key too."""
+    key = "k" * 40
+    gate_json = render_unit(tmp_path, "gate.json.j2", vllm_service_api_key=key)
+    assert host_facts.gate_key(gate_json) == key
+    assert host_facts.gate_key(render_unit(tmp_path, "gate.json.j2")) is None
+    for bad in ('{"api_key": "' + key, "[]", '{"allowed_routes": []}'):
+        with pytest.raises(ValueError) as raised:
+            host_facts.gate_key(bad)
+        assert key not in str(raised.value)
+    env = render_unit(tmp_path, "vllm.env.j2", vllm_service_env={"VLLM_API_KEY": "sk-env"})
+    assert host_facts.env_value(env, "VLLM_API_KEY") == "sk-env"
+    assert host_facts.env_value(render_unit(tmp_path, "vllm.env.j2"), "VLLM_API_KEY") is None
+    vllm_vars = yaml.safe_load((ROOT / "ansible/roles/vllm_service/vars/main.yml").read_text())
+    assert vllm_vars["_vllm_service_gate_dir"] == host_facts.GATE_DIR
+    assert vllm_vars["_vllm_service_gate_file"].endswith("/gate.json")
+    assert f"{host_facts.GATE_DIR}/gate.json" == host_facts.GATE_FILE
+    assert vllm_vars["_vllm_service_env_file"] == host_facts.ENV_FILE
 
 
 SANDBOX_IMAGE = (
@@ -716,6 +739,7 @@ def test_role_defaults_feed_the_host_checks():
     assert redact("x --api-key=abc VLLM_API_KEY=def", None) == (
         "x --api-key=<redacted> VLLM_API_KEY=<redacted>"
     )
+    assert redact("a sk-12 b sk-1", "sk-1", None, "sk-12") == "a <API key> b <API key>"
 
 
 def test_host_checks_share_one_ssh_connection_per_host(tmp_path, monkeypatch):

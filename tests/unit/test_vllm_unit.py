@@ -5,12 +5,14 @@ sandbox, rendered from the role as the template module renders it, differ only i
 from __future__ import annotations
 
 import difflib
+import json
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 from test_firewall import ROLE, render
+from test_route_gate import gate
 
 from servekit.images import vllm_version
 
@@ -126,22 +128,70 @@ def test_the_cpu_environment_is_the_only_difference_in_the_env_file(tmp_path):
     gpu = render("vllm.env.j2", **_site(tmp_path, "gpu"))
     sandbox_vars = _sandbox_vars()
     sandbox = render("vllm.env.j2", **_site(tmp_path, "sandbox", **sandbox_vars))
-    added = [
-        line[2:]
-        for line in difflib.ndiff(gpu.splitlines(), sandbox.splitlines())
-        if line.startswith("+ ")
-    ]
-    removed = [
-        line[2:]
-        for line in difflib.ndiff(gpu.splitlines(), sandbox.splitlines())
-        if line.startswith("- ")
-    ]
-    cidrs = ",".join(sandbox_vars["vllm_service_metrics_allowed_cidrs"])
-    assert removed == ["SERVEKIT_METRICS_ALLOWED_CIDRS="]
-    assert sorted(added) == sorted(
-        [f"SERVEKIT_METRICS_ALLOWED_CIDRS={cidrs}"]
-        + [f"{k}={v}" for k, v in sandbox_vars["vllm_service_env"].items()]
+    diff = list(difflib.ndiff(gpu.splitlines(), sandbox.splitlines()))
+    added = [line[2:] for line in diff if line.startswith("+ ")]
+    assert not [line for line in diff if line.startswith("- ")]
+    assert sorted(added) == sorted(f"{k}={v}" for k, v in sandbox_vars["vllm_service_env"].items())
+
+
+def test_the_key_and_the_gate_settings_stay_out_of_the_env_file(tmp_path):
+    """A change of key, routes or /metrics networks must not touch the env file (a restart)."""
+    site = _site(tmp_path, "gpu")
+    plain = render("vllm.env.j2", **site)
+    changed = render(
+        "vllm.env.j2",
+        **site,
+        vllm_service_api_key="k" * 40,
+        vllm_service_allowed_routes=["/health", "/v1/embeddings"],
+        vllm_service_metrics_allowed_cidrs=["10.0.5.0/24"],
+        vllm_service_metrics_public=True,
     )
+    assert changed == plain
+    assert "VLLM_API_KEY" not in plain and "k" * 40 not in changed
+    assert "SERVEKIT_GATE_CONFIG=/etc/servekit/gate/gate.json" in plain.splitlines()
+
+
+def test_the_gate_reads_its_settings_from_the_mounted_directory(units):
+    for unit, words in ((u, docker_run(units[u])) for u in ("gpu", "sandbox")):
+        mounts = [words[i + 1] for i, word in enumerate(words) if word == "--volume"]
+        assert "/etc/vllm/gate:/etc/servekit/gate:ro" in mounts, (unit, mounts)
+
+
+def test_the_gate_settings_are_written_privately_and_restart_nothing():
+    tasks = yaml.safe_load((ROLE / "tasks" / "configure.yml").read_text())
+    task = next(
+        t for t in tasks if t.get("ansible.builtin.template", {}).get("src") == "gate.json.j2"
+    )
+    assert "notify" not in task and task["no_log"] is True
+    assert task["ansible.builtin.template"]["mode"] == "0600"
+    role_vars = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    # In the one state read, so that a converged host skips the task (changed=0).
+    assert "{{ _vllm_service_gate_file }}" in role_vars["_vllm_service_files"]
+    gate_dir = {"path": "{{ _vllm_service_gate_dir }}", "mode": "0700"}
+    assert gate_dir in role_vars["_vllm_service_base_dirs"]
+
+
+def test_the_role_writes_what_the_gate_reads(tmp_path):
+    """gate.json rendered from the inventory's values, then loaded by the gate itself."""
+    key, sandbox = "k" * 40, _sandbox_vars()
+    text = render(
+        "gate.json.j2",
+        **_site(tmp_path, "sandbox", **sandbox),
+        vllm_service_api_key=key,
+        vllm_service_metrics_public="false",  # a string from -e: still a boolean in the file
+    )
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    assert json.loads(text) == {
+        "allowed_routes": defaults["vllm_service_allowed_routes"],
+        "metrics_allowed_cidrs": sandbox["vllm_service_metrics_allowed_cidrs"],
+        "metrics_public": False,
+        "api_key": key,
+    }
+    config = tmp_path / "gate.json"
+    config.write_text(text)
+    made = gate.RouteGate(None, str(config), "/nonexistent")
+    assert made.settings.key == key.encode() and "/v1/chat/completions" in made.settings.routes
+    assert made.allows(("172.17.0.1", 1)) and not made.allows(("10.0.5.7", 1))
 
 
 def test_the_release_is_defined_once():

@@ -4,11 +4,12 @@
 Settings come from the inventory, with the roles' defaults where it says nothing. The
 testinfra ansible backend does not template: a value that is still a Jinja template or a
 vault secret counts as unknown, and the checks that need it read what the deployment wrote
-on the host instead (the unit file, the env file).
+on the host instead (the unit file, the env file, the route gate's settings file).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from typing import Any
@@ -17,6 +18,9 @@ from servekit.checkout import role_defaults
 
 UNIT_FILE = "/etc/systemd/system/vllm.service"
 ENV_FILE = "/etc/vllm/vllm.env"
+#: The route gate's settings (the API key among them), mounted into the container by directory.
+GATE_DIR = "/etc/vllm/gate"
+GATE_FILE = f"{GATE_DIR}/gate.json"
 CONTAINER = "vllm"
 #: Where the unit mounts the model in the container: `vllm serve`'s positional argument.
 CONTAINER_MODEL_DIR = "/models/"
@@ -88,13 +92,36 @@ def gpu_args_of(docker_run_args: list[str]) -> list[str]:
     return out
 
 
+def gate_key(text: str) -> str | None:
+    """The ``api_key`` of the route gate's settings file; None when it sets none. ValueError
+    (naming no content: the file holds the key) when the text is not such a file."""
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        raise ValueError("not JSON") from None
+    key = settings.get("api_key") if isinstance(settings, dict) else None
+    if not isinstance(key, str):
+        raise ValueError('no "api_key" string')
+    return key or None
+
+
+def env_value(text: str, name: str) -> str | None:
+    """The value an env file (`docker run --env-file`) gives ``name``; None when none or empty."""
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == name:
+            return value.strip().strip("'\"") or None
+    return None
+
+
 _KEY_IN_ARGS = re.compile(r"(--api-key[= ]+|VLLM_API_KEY=)(\S+)")
 
 
-def redact(text: str, secret: str | None) -> str:
-    """``text`` without the key: the known secret, and whatever follows --api-key or
-    VLLM_API_KEY= (a key that the env file does not hold is still a key)."""
-    if secret:
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` without the keys: the known secrets, and whatever follows --api-key or
+    VLLM_API_KEY= (a key that the host's files do not hold is still a key)."""
+    # Longest first: a key that contains another is replaced whole.
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, "<API key>")
 
     def hide(match: re.Match[str]) -> str:

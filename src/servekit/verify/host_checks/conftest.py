@@ -19,8 +19,11 @@ from servekit.inventory import is_unresolved
 from servekit.verify.host_facts import (
     CONTAINER,
     ENV_FILE,
+    GATE_FILE,
     UNIT_FILE,
+    env_value,
     exec_start_args,
+    gate_key,
     host_defaults,
     image_of,
     read_as_root,
@@ -91,16 +94,21 @@ def unit_image(docker_run_args) -> str:
 
 
 @pytest.fixture(scope="module")
-def api_key(host) -> str | None:
-    """VLLM_API_KEY from the env file (read as root), or None when the file sets none."""
-    text = read_as_root(host, ENV_FILE)
-    assert text is not None, f"cannot read {ENV_FILE} on the host, even as root"
-    for line in text.splitlines():
-        name, sep, value = line.strip().partition("=")
-        if sep and name.strip() == "VLLM_API_KEY":
-            value = value.strip().strip("'\"")
-            return value or None
-    return None
+def api_keys(host) -> dict[str, str]:
+    """The server's API keys (read as root), by where each is set: the route gate's settings
+    file, and a VLLM_API_KEY in the env file (only with vllm_service_allow_unsafe_args).
+    Empty when neither sets one."""
+    keys = {}
+    gate = read_as_root(host, GATE_FILE)
+    assert gate is not None, f"cannot read {GATE_FILE} on the host, even as root: re-deploy"
+    try:
+        keys[f"the api_key of {GATE_FILE}"] = gate_key(gate)
+    except ValueError as exc:
+        pytest.fail(f"{GATE_FILE} is not the route gate's settings ({exc}): re-deploy")
+    env = read_as_root(host, ENV_FILE)
+    assert env is not None, f"cannot read {ENV_FILE} on the host, even as root"
+    keys[f"the VLLM_API_KEY of {ENV_FILE}"] = env_value(env, "VLLM_API_KEY")
+    return {origin: key for origin, key in keys.items() if key}
 
 
 @pytest.fixture(scope="module")

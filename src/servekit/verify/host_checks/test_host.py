@@ -10,7 +10,16 @@ import pytest
 
 from servekit.checkout import repo_root
 from servekit.images.registry import ImageRef, parse_reference
-from servekit.verify.host_facts import CONTAINER, ENV_FILE, UNIT_FILE, journal, redact, run_as_root
+from servekit.verify.host_facts import (
+    CONTAINER,
+    ENV_FILE,
+    GATE_DIR,
+    GATE_FILE,
+    UNIT_FILE,
+    journal,
+    redact,
+    run_as_root,
+)
 
 SUPPORTED = {
     ("debian", "12"),
@@ -158,6 +167,18 @@ def test_env_file_is_private(host):
     assert env.exists, f"{ENV_FILE} is missing"
     assert env.user == "root", f"expected {ENV_FILE} owned by root, got {env.user}"
     assert env.mode == 0o600, f"expected {ENV_FILE} mode 0o600, got {oct(env.mode)}"
+
+
+def test_gate_settings_are_private(host):
+    """The route gate's settings file holds the API key: root's alone, in a root-only directory."""
+    for path, mode, kind in ((GATE_DIR, 0o700, "directory"), (GATE_FILE, 0o600, "file")):
+        found = host.file(path)
+        assert found.exists, f"{path} is missing: re-deploy"
+        is_kind = found.is_directory if kind == "directory" else found.is_file
+        assert is_kind and found.user == "root" and found.mode == mode, (
+            f"expected {path} a {kind} owned by root, mode {oct(mode)}, got user {found.user}, "
+            f"mode {oct(found.mode)}"
+        )
 
 
 def test_container_runs_with_the_documented_flags(host, vllm_container):
@@ -330,22 +351,26 @@ def _secret_places(host, vllm_container) -> dict[str, str]:
     }
 
 
-def _lines_with(text: str, needle: str, secret: str | None) -> str:
+def _lines_with(text: str, needle: str, secrets: dict[str, str]) -> str:
     hits = [line.strip() for line in text.splitlines() if needle in line]
-    return redact("; ".join(hits), secret)[:400]
+    return redact("; ".join(hits), *secrets.values())[:400]
 
 
-def test_api_key_appears_in_no_process_arguments(host, vllm_container, api_key):
-    """The key lives in the env file only: not in argv, ExecStart or docker's args."""
+def test_api_key_appears_in_no_process_arguments(host, vllm_container, api_keys):
+    """The key lives in the route gate's settings file only: not in argv, ExecStart or
+    docker's args."""
     assert vllm_container is not None, f"no container named {CONTAINER} is running"
     places = _secret_places(host, vllm_container)
     leaks = {}
     for where, text in places.items():
-        if api_key and api_key in text:
-            leaks[where] = "the key: " + _lines_with(text, api_key, api_key)
+        found = [origin for origin, key in api_keys.items() if key in text]
+        if found:
+            leaks[where] = (
+                " and ".join(found) + ": " + _lines_with(text, api_keys[found[0]], api_keys)
+            )
         elif "--api-key" in text:
-            leaks[where] = "--api-key: " + _lines_with(text, "--api-key", api_key)
-    origin = f"the VLLM_API_KEY of {ENV_FILE}" if api_key else f"no key set in {ENV_FILE}"
+            leaks[where] = "--api-key: " + _lines_with(text, "--api-key", api_keys)
+    origin = ", ".join(api_keys) if api_keys else f"no key set in {GATE_FILE} or {ENV_FILE}"
     assert not leaks, (
         f"expected no API key in process arguments or unit properties ({origin}), got "
         + " | ".join(f"{where}: {what}" for where, what in leaks.items())
@@ -353,7 +378,7 @@ def test_api_key_appears_in_no_process_arguments(host, vllm_container, api_key):
     ps = places["ps -eo args"]
     assert "VLLM_API_KEY=" not in ps, (
         "expected VLLM_API_KEY in no command line, got: "
-        + _lines_with(ps, "VLLM_API_KEY=", api_key)
+        + _lines_with(ps, "VLLM_API_KEY=", api_keys)
     )
 
 
