@@ -49,6 +49,7 @@ HEALTH_FAILURES = int(_HEALTH["vllm_service_health_failures"])
 FREEZE_DETECTION_LIMIT_S = 30
 HEALTH_RESTARTS_FILE = "/var/lib/servekit/vllm-health.restarts"
 START_BUDGET_S = 600
+CRASH_LOOP_BRAKE = {"vllm_service_start_limit_burst": 3}
 API_KEY = "sk-servekit-fault-suite-7d41c0e5b2a94f1c"  # 40 characters: preflight wants 32+
 
 
@@ -172,7 +173,9 @@ def test_host_reboot_brings_everything_back(serving, fault_table):
 
 def test_crash_loop_stops_at_the_start_limit_and_verify_says_why(serving, fault_table, capfd):
     t0 = time.monotonic()
-    bad = json.dumps({"vllm_service_extra_args": ["--no-such-flag"]})
+    # The brake of the role's default (5 starts) at 3: the same systemd start limit, two fewer
+    # failed starts to wait for (each imports vLLM). The restoring deploy puts 5 back.
+    bad = json.dumps({"vllm_service_extra_args": ["--no-such-flag"], **CRASH_LOOP_BRAKE})
     ansible_playbook("deploy-bad-flag", "site.yml", "-e", bad, expect_ok=False)
     # With Restart=always the unit only stays "failed" once the start limit stops systemd.
     wait_for(
@@ -190,10 +193,14 @@ def test_crash_loop_stops_at_the_start_limit_and_verify_says_why(serving, fault_
     assert not result.ok
     assert "no-such-flag" in out, "verify must show why the server does not start"
     restarts = int(unit_property("NRestarts"))
+    assert unit_property("StartLimitBurst") == str(
+        CRASH_LOOP_BRAKE["vllm_service_start_limit_burst"]
+    )
     # Recover with the good flags: the start limit is reset by the deploy.
     ansible_playbook("deploy-after-crash-loop")
     record(fault_table, "crash loop (bad flag), then fixed", t0, detected, time.monotonic())
-    assert restarts <= 5
+    assert restarts <= CRASH_LOOP_BRAKE["vllm_service_start_limit_burst"]
+    assert unit_property("StartLimitBurst") == str(_HEALTH["vllm_service_start_limit_burst"])
 
 
 def test_bounded_load_has_no_errors(serving, fault_table):
