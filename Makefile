@@ -17,6 +17,9 @@ ANSIBLE_ARGS ?=
 PYTEST_ARGS ?=
 # Hosts updated at once by `make roll`: a number or a share ("25%").
 ROLL_BATCH ?= 1
+# Hosts `make deploy` may restart at once on a fleet: a number or a share ("25%"). Unset: 1
+# behind a gateway; without one, every host at once unless it is set.
+MAX_UNAVAILABLE ?=
 # DEEP=1: `make verify` also hashes every model file against its manifest's SHA-256.
 DEEP ?=
 VENV := .venv
@@ -55,12 +58,12 @@ host-tools: ## Install what this machine needs (Docker engine, debootstrap, ssh)
 sandbox: venv host-tools ## Bring up the local sandbox host, registry and model mirror [SANDBOX_HOSTS=3: a fleet]
 	$(PY) -m servekit sandbox up --hosts $(SANDBOX_HOSTS) $(if $(SANDBOX_FLEET),--gateway)
 
-deploy: venv ## Converge INVENTORY (default: the local sandbox, brought up first)
+deploy: venv ## Converge INVENTORY (default: the local sandbox, brought up first); on a fleet vLLM restarts a batch at a time [MAX_UNAVAILABLE=1]
 ifneq ($(IS_SANDBOX),)
 	@$(MAKE) --no-print-directory sandbox
 endif
 	@$(PY) -m servekit images check $(IMAGES_ARGS)
-	ansible-playbook -i $(INVENTORY) ansible/playbooks/site.yml $(ANSIBLE_ARGS)
+	ansible-playbook -i $(INVENTORY) ansible/playbooks/site.yml $(if $(MAX_UNAVAILABLE),-e servekit_max_unavailable=$(MAX_UNAVAILABLE)) $(ANSIBLE_ARGS)
 
 lock-images: venv ## Resolve the image tags INVENTORY deploys to digests: images.lock.yml beside it (commit it)
 	$(PY) -m servekit images lock $(IMAGES_ARGS)

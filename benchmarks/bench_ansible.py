@@ -105,7 +105,8 @@ def phase_of(play: str, task: str) -> str:
       ``docker_engine`` (the NVIDIA roles end at once on a CPU host);
     - ``model`` is the model role;
     - the vLLM role's image check and pull are ``image``; the rest of it (its files, units,
-      the restart handler that waits for /health, enabling the units) is ``service_start``;
+      the restart handler that waits for /health, enabling the units) is ``service_start``, and
+      so is serve.yml's play of batches (the restarts a fleet's deploy defers to it);
     - a task outside any role (fact gathering) counts for its play's first phase.
     """
     p = play.strip().lower()
@@ -122,6 +123,8 @@ def phase_of(play: str, task: str) -> str:
         return "preflight"
     if p.startswith("host stack"):
         return "docker_engine"
+    if p.startswith("serve | restart"):  # serve.yml's batches: the restarts it deferred
+        return "service_start"
     if p.startswith("serve"):
         return "model"
     return "other"

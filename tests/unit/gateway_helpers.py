@@ -74,17 +74,25 @@ class Run:
         return str(json.loads(found[-1].group("json")).get("msg"))
 
 
-def run_playbook(workdir: Path, inventory: dict, playbook: str, extra: dict | None = None) -> Run:
+def run_playbook(
+    workdir: Path,
+    inventory: dict,
+    playbook: str,
+    extra: dict | None = None,
+    env: dict | None = None,
+) -> Run:
+    """``env``: more environment for ansible-playbook and the modules it runs here."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "hosts.yml").write_text(json.dumps(inventory, indent=2))
     (workdir / "play.yml").write_text(playbook)
     (workdir / "extra.json").write_text(json.dumps(extra or {}))
-    env = local_ansible_env(workdir, ANSIBLE_ROLES_PATH=str(ANSIBLE / "roles"))
+    roles = str(ANSIBLE / "roles")
+    environment = local_ansible_env(workdir, ANSIBLE_ROLES_PATH=roles) | (env or {})
     cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "hosts.yml"), str(workdir / "play.yml")]
     proc = subprocess.run(
         [*cmd, "-e", f"@{workdir / 'extra.json'}"],
         cwd=ROOT,
-        env=env,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=300,

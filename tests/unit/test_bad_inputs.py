@@ -128,6 +128,7 @@ class Case:
 
 
 VLLM = "vllm_service_"
+BATCH = "servekit_max_unavailable"
 MONITORED = ("gpu_hosts", "monitoring")  # a GPU host that also runs Prometheus
 CASES = [
     # Types: the roles' argument specs refuse these in the preflight entry points.
@@ -165,6 +166,10 @@ CASES = [
         '"modelscope.cn"',
     ),
     Case("model-root-relative", {"servekit_model_root": "models"}, "absolute path", '"models"'),
+    # The batch of `make deploy` on a fleet: an extra variable (MAX_UNAVAILABLE=...).
+    Case("max-unavailable-zero", {BATCH: 0}, 'e.g. "25%"', "=0 ", extra_vars=True),
+    Case("max-unavailable-words", {BATCH: "half"}, "MAX_UNAVAILABLE=", '"half"', extra_vars=True),
+    Case("max-unavailable-150%", {BATCH: "150%"}, 'at most "100%"', '"150%"', extra_vars=True),
     Case("image-unpinned", {VLLM + "image": "vllm/vllm-openai:latest"}, "@sha256:", ":latest"),
     # A tag the lock beside the inventory does not hold: the command that locks it.
     Case(
@@ -567,10 +572,13 @@ CASES = [
 
 # Not bad inputs: the valid baseline on a host that also runs Prometheus; its exporters on the
 # host's own address, firewalled, for a Prometheus on another host (PEER); a GPU host (planned
-# in check mode) that runs the DCGM exporter too, so both exporters are compared with every port.
+# in check mode) that runs the DCGM exporter too, so both exporters are compared with every port;
+# the largest batch `make deploy` accepts.
 MONITORED_BASELINE = Case("baseline-monitoring", {}, "", groups=MONITORED)
+WHOLE_FLEET = Case("max-unavailable-100%", {BATCH: "100%"}, "", extra_vars=True)
 VALID = [
     MONITORED_BASELINE,
+    WHOLE_FLEET,
     Case(
         "baseline-exporters-firewalled",
         # The scrapers allowed by default: those allowed to read vLLM's /metrics.
@@ -722,7 +730,13 @@ def test_valid_monitoring_settings_pass_preflight(runs):
     assert "Monitoring | Check the Prometheus settings" in run.tasks, run.tasks
 
 
-@pytest.mark.parametrize("case", VALID[1:], ids=[c.id for c in VALID[1:]])
+def test_a_batch_of_every_host_passes_preflight(runs):
+    run = runs[WHOLE_FLEET.id]
+    assert run.rc == 0, run.output
+    _check_stayed_in_preflight(run)
+
+
+@pytest.mark.parametrize("case", VALID[2:], ids=[c.id for c in VALID[2:]])
 def test_valid_exporter_settings_pass_preflight(runs, case):
     """Exporters firewalled on the host's address, and a GPU host with both exporters: the
     settings pass, and every host's ports were compared."""

@@ -224,6 +224,11 @@ def test_phase_seconds_add_up_to_the_playbook_time():
             "vllm_service : VLLM | Install the units",
             "service_start",
         ),
+        (
+            "Serve | Restart the servers a batch at a time",
+            "Serve | Say which hosts restart in this batch",
+            "service_start",
+        ),
         ("Something else", "debug", "other"),
     ],
 )
