@@ -609,49 +609,67 @@ def _preflight_task_names() -> set[str]:
 
 PREFLIGHT_TASKS = _preflight_task_names()
 PORT_CHECK = "Preflight | Refuse two services that would listen on the same port"
+STOP = "Preflight | Stop before any change unless every host passed"
 VALIDATION = "Validating arguments against arg spec '"
 TASK_HEADER = re.compile(r"^TASK \[(?:[\w.]+ : )?(.*)\] \*+\s*$")
+# A failed task's result line; a delegated task's says "[host -> localhost]".
+FATAL = re.compile(r"^fatal: \[(?P<host>[^\]\s]+)(?: -> [^\]]+)?\]: \w+! => (?P<result>\{.*\})$")
+LOCAL = {
+    "ansible_connection": "local",
+    "ansible_python_interpreter": sys.executable,
+    # The play's `become: true` would need sudo; the checks need no privileges.
+    "ansible_become": False,
+}
 
 
 @dataclass
 class Run:
-    rc: int
+    rc: int  # of the whole ansible-playbook run
     output: str
-    tasks: list[str]  # task names in the order they ran
-    failed_task: str | None
+    tasks: list[str]  # task names in the order they ran (on any host of the run)
+    failed_task: str | None  # the task in which this case's host failed
     message: str | None  # "msg" of the failed task
+    host: str = HOST  # the case's host in the inventory
 
 
 def _run(case: Case | None, workdir: Path, facts: Path | None = None) -> Run:
+    """The case alone in its inventory, as host HOST (and PEER, if the case has one)."""
+    return _play({HOST: case}, workdir, facts)[HOST]
+
+
+def _play(
+    cases: dict[str, Case | None], workdir: Path, facts: Path | None, playbook: Path = PLAYBOOK
+) -> dict[str, Run]:
+    """Runs the playbook (preflight's unless given) once against an inventory with a host per
+    case (the baseline's settings with the case's overrides), and reads each host's result."""
     if facts is not None:
         # This machine's facts, gathered by the baseline run: the play then skips gathering
-        # them again (gathering = smart), which saves a second or two per run.
+        # them again (gathering = smart), which saves a second or two per host.
         shutil.copytree(facts, workdir / "facts")
-    host = dict(BASELINE)
-    host["model_ca_bundle"] = str(workdir / "ca.pem")
-    (workdir / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
-    cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "hosts.yml"), str(PLAYBOOK)]
-    if case is not None and case.check_mode:
-        cmd.append("--check")
-    if case is not None:
-        if case.extra_vars:
+    ca_bundle = workdir / "ca.pem"
+    ca_bundle.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "hosts.yml"), str(playbook)]
+    members: dict[str, tuple[dict, tuple[str, ...]]] = {}
+    for name, case in cases.items():
+        host = dict(BASELINE, model_ca_bundle=str(ca_bundle))
+        if case is not None and (case.extra_vars or case.check_mode or case.peer):
+            assert len(cases) == 1, f"{case.id} cannot share a run"
+        if case is not None and case.check_mode:
+            cmd.append("--check")
+        if case is not None and case.extra_vars:
             (workdir / "extra.json").write_text(json.dumps(case.overrides))
             cmd += ["-e", f"@{workdir / 'extra.json'}"]
-        else:
+        elif case is not None:
             host.update(case.overrides)
-    local = {
-        "ansible_connection": "local",
-        "ansible_python_interpreter": sys.executable,
-        # The play's `become: true` would need sudo; the checks need no privileges.
-        "ansible_become": False,
-    }
-    host |= local
-    members = {HOST: (host, case.groups if case is not None else ("gpu_hosts",))}
-    if case is not None and case.peer:
-        peer = dict(BASELINE, model_ca_bundle=host["model_ca_bundle"]) | case.peer_overrides
-        members[PEER] = (peer | local, case.peer)
-        if facts is not None and (workdir / "facts" / HOST).is_file():
-            shutil.copy(workdir / "facts" / HOST, workdir / "facts" / PEER)
+        members[name] = (host | LOCAL, case.groups if case is not None else ("gpu_hosts",))
+        if case is not None and case.peer:
+            peer = dict(BASELINE, model_ca_bundle=str(ca_bundle)) | case.peer_overrides
+            members[PEER] = (peer | LOCAL, case.peer)
+    # The baseline's facts are HOST's: every host of this run is the same machine. (The cache
+    # file's name is the host's with a prefix of Ansible's, such as "s1_".)
+    for cached in (workdir / "facts").glob(f"*{HOST}") if facts is not None else ():
+        for name in members.keys() - {HOST}:
+            shutil.copy(cached, cached.with_name(cached.name.removesuffix(HOST) + name))
     children: dict = {}
     for name, (variables, groups) in members.items():
         for group in groups:
@@ -661,18 +679,22 @@ def _run(case: Case | None, workdir: Path, facts: Path | None = None) -> Run:
     (workdir / "images.lock.yml").write_text(yaml.safe_dump(LOCK))
     env = local_ansible_env(workdir)
     proc = subprocess.run(
-        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     output = proc.stdout + proc.stderr
     tasks: list[str] = []
-    failed_task = message = None
+    runs = {name: Run(proc.returncode, output, tasks, None, None, name) for name in cases}
     for line in proc.stdout.splitlines():
         if header := TASK_HEADER.match(line):
             tasks.append(header.group(1))
-        elif line.startswith(f"fatal: [{HOST}"):
-            failed_task = tasks[-1] if tasks else None
-            message = json.loads(line.split(" => ", 1)[1]).get("msg")
-    return Run(proc.returncode, output, tasks, failed_task, message)
+            continue
+        fatal = FATAL.match(line)
+        run = runs.get(fatal.group("host")) if fatal else None
+        # The first failure of the host is the one that took it out of the play.
+        if fatal and run is not None and run.failed_task is None:
+            run.failed_task = tasks[-1] if tasks else None
+            run.message = json.loads(fatal.group("result")).get("msg")
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -697,7 +719,8 @@ def _check_stayed_in_preflight(run: Run) -> None:
         if name not in PREFLIGHT_TASKS and not name.startswith(VALIDATION)
     ]
     assert not strangers, f"tasks outside the preflight checks ran: {strangers}\n{run.output}"
-    assert re.search(rf"^{HOST}\s*:.*\bchanged=0\b", run.output, re.M), run.output
+    host = re.escape(run.host)
+    assert re.search(rf"^{host}\s*:.*\bchanged=0\b", run.output, re.M), run.output
 
 
 def test_cases_are_distinct():
@@ -750,7 +773,8 @@ def test_valid_exporter_settings_pass_preflight(runs, case):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_in_preflight(runs, case):
     run = runs[case.id]
-    assert run.rc != 0, f"{case.id} was accepted\n{run.output}"
+    # A host that passed is stopped by the play's last task, if another host failed.
+    assert run.rc != 0 and run.failed_task != STOP, f"{case.id} was accepted\n{run.output}"
     _check_stayed_in_preflight(run)
     assert run.failed_task is not None and run.message, run.output
     assert run.failed_task in PREFLIGHT_TASKS or run.failed_task.startswith(VALIDATION)
@@ -759,3 +783,61 @@ def test_bad_input_is_refused_in_preflight(runs, case):
     assert case.hint in run.message, run.message
     if case.shows is not None:
         assert case.shows in run.message, run.message
+
+
+def test_every_gpu_host_is_checked_then_no_later_play_runs(tmp_path):
+    """Two GPU hosts with bad inputs, refused in different roles' checks, and a good one: one
+    run reports both refusals, then stops before any later play, also one for other hosts."""
+    for playbook in ("site.yml", "rolling.yml"):
+        plays = yaml.safe_load((PLAYBOOK.parent / playbook).read_text())
+        assert plays[0]["ansible.builtin.import_playbook"] == PLAYBOOK.name, playbook
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    later = [
+        {
+            "name": f"A later play on {hosts}",
+            "hosts": hosts,
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": f"Leave a marker of the play on {hosts}",
+                    "ansible.builtin.copy": {
+                        "content": hosts,
+                        "dest": f"{markers}/{hosts}-{{{{ inventory_hostname }}}}",
+                        "mode": "0644",
+                    },
+                }
+            ],
+        }
+        for hosts in ("gpu_hosts", "bystanders", "all")
+    ]
+    playbook = tmp_path / "site.yml"
+    imported = {"name": "Preflight", "ansible.builtin.import_playbook": str(PLAYBOOK)}
+    playbook.write_text(yaml.safe_dump([imported, *later], sort_keys=False))
+    disk, port = (
+        next(c for c in CASES if c.id == name) for name in ("too-little-disk", "port-too-big")
+    )
+    bystander = Case("bystander", {}, "", groups=("bystanders",))  # in no group preflight checks
+    runs = _play(
+        {disk.id: disk, port.id: port, "good": None, bystander.id: bystander},
+        tmp_path,
+        None,
+        playbook,
+    )
+    run = runs["good"]
+    assert run.rc != 0, run.output
+    # Both refusals, though the first (the preflight role's) came before the second's role ran.
+    for case in (disk, port):
+        refused = runs[case.id]
+        assert refused.failed_task in PREFLIGHT_TASKS, run.output
+        assert case.names in refused.message and case.hint in refused.message, refused.message
+    assert run.tasks.index(runs[disk.id].failed_task) < run.tasks.index(runs[port.id].failed_task)
+    # The good host was stopped by the play's last task, which names both failed hosts.
+    assert run.failed_task == STOP, run.output
+    assert f"2 of 3 hosts did not pass preflight ({disk.id}, {port.id};" in run.message
+    # No later play ran, on any host.
+    assert not list(markers.iterdir()), run.output
+    assert not any(name.startswith("Leave a marker") for name in run.tasks), run.tasks
+    assert "PLAY [A later play" not in run.output, run.output
+    for case_id in (disk.id, port.id, "good"):
+        _check_stayed_in_preflight(runs[case_id])
