@@ -1,15 +1,19 @@
 """Bad inventory and variable inputs are refused by the preflight play, before any change.
 
 Each case runs the real `ansible/playbooks/preflight.yml` against a throw-away inventory with
-one host in `gpu_hosts`, reached with a local connection: this machine. The inventory holds
-the sandbox's valid settings, overridden by the case's bad value. The preflight play only
-reads the host (facts, `df`, PCI devices; on GPU hosts also package lists, the Secure Boot
-state, `dockerd --version`) and checks inputs, so running it here changes nothing; the tests
-also check that every task it ran is a preflight task and that it reports `changed=0`.
+a host in `gpu_hosts`, reached with a local connection: this machine. The host holds the
+sandbox's valid settings, overridden by the case's bad value. The preflight play only reads
+the host (facts, `df`, PCI devices; on GPU hosts also package lists, the Secure Boot state,
+`dockerd --version`) and checks inputs, so running it here changes nothing; the tests also
+check that every task it ran is a preflight task and that the case's host reports `changed=0`.
 
-A case passes when the run fails in a preflight check, and the message names the variable
-and says what to do about it. A few cases need a second host in the inventory (a Prometheus
-host apart from the GPU host, or the other way round): this machine again, under another name.
+A case passes when its host fails in a preflight check, and the message names the variable
+and says what to do about it. The preflight play checks every host before it stops the run,
+so most cases share a run: one host each, named by the case, each failure read from the
+host's own result lines. A case runs alone when it gives its value with -e (which every host
+would get), runs in check mode, needs a second host in the inventory (a Prometheus host apart
+from the GPU host, or the other way round: this machine again, under another name), or puts
+its host in a group whose checks read the other hosts (monitoring, gateway).
 GPU hosts' cases run in check mode (--check) with a recorded `lspci`, the planning mode in which
 preflight accepts a hardware profile, so they run on a machine without a GPU too.
 """
@@ -620,6 +624,19 @@ LOCAL = {
     # The play's `become: true` would need sudo; the checks need no privileges.
     "ansible_become": False,
 }
+# Cases whose host is in these groups only, and that need nothing else of their own (no -e, no
+# --check, no PEER), share runs, each as a host of its own named by the case. A host in group
+# monitoring or gateway could not: their checks judge every host of gpu_hosts, so the other
+# cases' hosts would count as servers for it to scrape or to balance.
+SHARED_GROUPS = {("gpu_hosts",)}
+BATCH_SIZE = 20  # hosts per shared run, at most: beyond about 20, each host costs more
+
+
+def _shares_runs(case: Case) -> bool:
+    """Whether the case may be one host among others of one run: its settings are its host's
+    alone, and no check of its groups reads the other hosts of the inventory."""
+    alone = case.extra_vars or case.check_mode or case.peer
+    return not alone and case.groups in SHARED_GROUPS
 
 
 @dataclass
@@ -635,6 +652,13 @@ class Run:
 def _run(case: Case | None, workdir: Path, facts: Path | None = None) -> Run:
     """The case alone in its inventory, as host HOST (and PEER, if the case has one)."""
     return _play({HOST: case}, workdir, facts)[HOST]
+
+
+def _run_batch(cases: list[Case], workdir: Path, facts: Path | None = None) -> dict[str, Run]:
+    """Cases that share a run (_shares_runs), one host each, named by the case's id."""
+    assert all(_shares_runs(case) for case in cases), [c.id for c in cases]
+    runs = _play({case.id: case for case in cases}, workdir, facts)
+    return {case.id: runs[case.id] for case in cases}
 
 
 def _play(
@@ -699,15 +723,31 @@ def _play(
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Run]:
-    """The valid baseline, then every case from the baseline's facts, several at a time."""
+    """The valid baseline, then every case from the baseline's facts, several runs at a time:
+    the cases that can share a run in batches of BATCH_SIZE hosts, the others one run each."""
     baseline_dir = tmp_path_factory.mktemp("baseline")
     results = {"baseline": _run(None, baseline_dir)}
     facts = baseline_dir / "facts" if (baseline_dir / "facts").is_dir() else None
     cases = [*CASES, *VALID]
-    workdirs = [tmp_path_factory.mktemp(case.id) for case in cases]
+    shared = [case for case in cases if _shares_runs(case)]
+    count = -(-len(shared) // BATCH_SIZE)  # batches of at most BATCH_SIZE, of even sizes
+    batches = [shared[i::count] for i in range(count)]
+    alone = [case for case in cases if not _shares_runs(case)]
+    # Made here, not in the threads: pytest's temporary directories are not thread-safe.
+    batch_dirs = [tmp_path_factory.mktemp(f"batch{i}") for i in range(len(batches))]
+    alone_dirs = [tmp_path_factory.mktemp(case.id) for case in alone]
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        runs = pool.map(_run, cases, workdirs, [facts] * len(cases))
-        results |= {case.id: run for case, run in zip(cases, runs, strict=True)}
+        # The batches first: the longest runs.
+        batch_runs = [
+            pool.submit(_run_batch, b, d, facts) for b, d in zip(batches, batch_dirs, strict=True)
+        ]
+        alone_runs = [
+            pool.submit(_run, c, d, facts) for c, d in zip(alone, alone_dirs, strict=True)
+        ]
+        for future in batch_runs:
+            results |= future.result()
+        results |= {case.id: f.result() for case, f in zip(alone, alone_runs, strict=True)}
+    assert set(results) == {"baseline", *(case.id for case in cases)}
     return results
 
 

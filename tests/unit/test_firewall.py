@@ -31,7 +31,7 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.parsing.dataloader import DataLoader
 from ansible.plugins.loader import filter_loader, init_plugin_loader
 from ansible.template import Templar, trust_as_template
-from test_bad_inputs import Case, _check_stayed_in_preflight, _run, this_host_ipv4
+from test_bad_inputs import Case, _check_stayed_in_preflight, _run_batch, this_host_ipv4
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "vllm_service"
@@ -126,19 +126,25 @@ def test_argument_spec_lists_the_allow_list_like_the_defaults():
     assert bad.error_messages
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"vllm_service_firewall_allowed_cidrs": ["10.0.0.0/8", "192.0.2.10"]},
-        {
-            "vllm_service_firewall_allowed_cidrs": ["192.0.2.0/24"],
-            "vllm_service_bind_address": this_host_ipv4(),
-        },
-    ],
-    ids=["any-address", "one-address"],
-)
-def test_preflight_accepts_an_allow_list(overrides, tmp_path):
-    run = _run(Case("firewall-valid", overrides, hint=""), tmp_path)
+ALLOW_LISTS = {
+    "any-address": {"vllm_service_firewall_allowed_cidrs": ["10.0.0.0/8", "192.0.2.10"]},
+    "one-address": {
+        "vllm_service_firewall_allowed_cidrs": ["192.0.2.0/24"],
+        "vllm_service_bind_address": this_host_ipv4(),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def allow_list_runs(tmp_path_factory) -> dict:
+    """The preflight playbook, once, with a host for each allow-list."""
+    cases = [Case(name, overrides, hint="") for name, overrides in ALLOW_LISTS.items()]
+    return _run_batch(cases, tmp_path_factory.mktemp("allow-lists"))
+
+
+@pytest.mark.parametrize("name", ALLOW_LISTS)
+def test_preflight_accepts_an_allow_list(allow_list_runs, name):
+    run = allow_list_runs[name]
     assert run.rc == 0 and run.failed_task is None, run.output
     _check_stayed_in_preflight(run)
 
