@@ -128,6 +128,21 @@ def inventory(ports: tuple[int, int], gateway: dict, backends: dict | None = Non
     }
 
 
+def fleet_inventory(backends: dict) -> dict:
+    """GPU hosts (this machine, one per fake backend) behind the local gateway host `gw`,
+    all with the test key: the inventory of the roll-out and deploy-batch tests."""
+    hosts = {
+        name: {"vllm_service_port": b.port, "vllm_service_bind_address": "0.0.0.0"}
+        for name, b in backends.items()
+    }
+    return {
+        "all": {
+            "vars": LOCAL | {"vllm_service_api_key": KEY},
+            "children": {"gpu_hosts": {"hosts": hosts}, "gateway": {"hosts": {"gw": {}}}},
+        }
+    }
+
+
 def internal_paths(workdir: Path) -> dict:
     """Where the rendered gateway keeps what the role puts under /etc, /run and /var/lib."""
     return {

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from gateway_helpers import HELPER, KEY, LOCAL, ROOT, Gateway, Run, run_playbook
+from gateway_helpers import HELPER, KEY, LOCAL, ROOT, Gateway, Run, fleet_inventory, run_playbook
 
 SERVE = ROOT / "ansible" / "playbooks" / "serve.yml"
 OLD_UNIT = "[Service]\nExecStart=/usr/bin/docker run vllm --max-model-len 8192\n"
@@ -225,16 +225,7 @@ def deploy(
         (host / "vllm.env").chmod(0o600)  # as the vllm_service role writes it
     systemd = Systemd(workdir)
     systemd.fail_restarts(fail_restarts)
-    hosts = {
-        name: {"vllm_service_port": b.port, "vllm_service_bind_address": "0.0.0.0"}
-        for name, b in backends.items()
-    }
-    inventory = {
-        "all": {
-            "vars": LOCAL | {"vllm_service_api_key": KEY},
-            "children": {"gpu_hosts": {"hosts": hosts}, "gateway": {"hosts": {"gw": {}}}},
-        }
-    }
+    inventory = fleet_inventory(backends)
     variables = {
         "workdir": str(workdir),
         "changed": list(changed),

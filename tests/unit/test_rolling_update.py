@@ -29,6 +29,7 @@ from gateway_helpers import (
     ROOT,
     Gateway,
     Run,
+    fleet_inventory,
     run_playbook,
 )
 
@@ -104,16 +105,7 @@ def roll(workdir: Path, gateway: Gateway, backends: dict, fail_update=()) -> tup
     unit.write_text("[Service]\nExecStart=/usr/bin/docker run vllm\n")
     env.write_text(f"VLLM_API_KEY={KEY}\n")
     env.chmod(0o600)  # as the vllm_service role writes it
-    hosts = {
-        name: {"vllm_service_port": b.port, "vllm_service_bind_address": "0.0.0.0"}
-        for name, b in backends.items()
-    }
-    inventory = {
-        "all": {
-            "vars": LOCAL | {"vllm_service_api_key": KEY},
-            "children": {"gpu_hosts": {"hosts": hosts}, "gateway": {"hosts": {"gw": {}}}},
-        }
-    }
+    inventory = fleet_inventory(backends)
     extra = {
         "api": str(api),
         "model_dir": str(model_dir),
