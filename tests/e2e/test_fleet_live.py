@@ -6,14 +6,10 @@ Under a steady load of chat completions through the gateway:
 1. a GPU host is killed (its container gets SIGKILL: a power cut) -> no request fails: the
    gateway retries what the dead host did not answer on another host and its health checks
    take the host out; the host is then started again and returns to the gateway;
-2. `make deploy` (site.yml) of a server flag -> no request fails, streamed ones included: the
-   hosts restart one at a time, each drained first and put back once requests verify it, and
-   the gateway never has two of them out of rotation; a second deploy restores the default
-   the same way;
-3. a rolling update of the vLLM image and a server flag (`make roll`) -> no request fails,
+2. a rolling update of the vLLM image and a server flag (`make roll`) -> no request fails,
    streamed ones included: each host is drained before its restart and put back after
    requests verify it; afterwards every host runs the new image and flag;
-4. a rolling update that breaks the server (an unknown flag) -> no request fails; the first
+3. a rolling update that breaks the server (an unknown flag) -> no request fails; the first
    host is rolled back to what it ran and put back, the roll-out stops there (the other hosts
    are never restarted), and the run fails naming the host.
 
@@ -29,7 +25,6 @@ compile cache.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import threading
 import time
@@ -204,55 +199,6 @@ class Load:
         return f"{self.ok} answered, {len(self.failures)} failed: {dict(kinds)}"
 
 
-class GatewayWatch:
-    """The gateway's servers sampled in the background: at each sample, which of them are out
-    of rotation (drained, in maintenance or failing their health check)."""
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.samples: list[list[str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> GatewayWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                servers = gateway_servers()
-            except (AssertionError, ValueError):  # the gateway is being reloaded
-                continue
-            out = [n for n, s in servers.items() if s["drain"] or s["maint"] or not s["up"]]
-            self.samples.append(sorted(out))
-
-    def most_out(self) -> int:
-        return max((len(out) for out in self.samples), default=0)
-
-    def order_out(self) -> list[str]:
-        """The hosts that were out, in the order they went out (each once)."""
-        order: list[str] = []
-        for out in self.samples:
-            order += [name for name in out if name not in order]
-        return order
-
-
-def drained_hosts(output: str) -> list[str]:
-    """The hosts the playbook took out of the gateway, in the order it did."""
-    hosts, in_drain = [], False
-    for line in output.splitlines():
-        if line.startswith("TASK ["):
-            in_drain = "Take the host out of the gateway" in line
-        elif in_drain and (found := re.match(r"(?:changed|ok): \[([^\] ]+) -> ", line)):
-            hosts.append(found.group(1))
-    return hosts
-
-
 def second_image(state: SandboxState) -> str:
     """The sandbox's vLLM image with one more label, in the sandbox registry."""
     digest = push_relabelled(state, "rolling", "servekit.test.rolling=2")
@@ -368,42 +314,6 @@ def test_killing_a_host_under_load_fails_no_request(serving):
     assert len(in_flight) <= load.workers, load.summary()
     taken_out_s = taken_out_at - stopped_at
     assert taken_out_s < 30, f"the gateway took {taken_out_s:.0f} s to take the dead host out"
-
-
-def deploy_under_load(
-    log_name: str, inventory: Path, *extra: str
-) -> tuple[str, Load, GatewayWatch]:
-    """site.yml under the load the roll-out tests put on the gateway, watched at the gateway."""
-    with Load(workers=4, stream_every=3) as load, GatewayWatch() as watch:
-        load.wait_for_answers(20)
-        output = ansible_playbook(log_name, "site.yml", *extra, inventory=inventory)
-    return output, load, watch
-
-
-def test_a_deploy_that_restarts_vllm_rolls_through_the_fleet_under_load(serving):
-    """`make deploy` of a server flag: one host at a time, drained, restarted, verified, put
-    back; then a deploy without it restores the default the same way."""
-    names = [f"sandbox-{n}" for n in range(1, HOSTS + 1)]
-    for log_name, extra, max_model_len in [
-        ("fleet-deploy-change", ["-e", json.dumps({"vllm_service_max_model_len": 4096})], 4096),
-        ("fleet-deploy-restore", [], 8192),
-    ]:
-        before = {n: vllm_identity(host_container(n)) for n in range(1, HOSTS + 1)}
-        output, load, watch = deploy_under_load(log_name, serving.inventory, *extra)
-        assert not load.failures, f"{log_name}: {load.summary()}"
-        assert load.ok > 50, f"{log_name}: {load.summary()}"
-        assert all(h["failed"] == 0 for h in recap(output).values()), recap(output)
-        for n in range(1, HOSTS + 1):
-            container = host_container(n)
-            exec_start = " ".join(unit_text(container).replace("\\\n", " ").split())
-            assert f"--max-model-len {max_model_len}" in exec_start, f"{container}: {exec_start}"
-            assert vllm_identity(container) != before[n], f"{log_name}: {container} not restarted"
-        # Each host drained once, in inventory order, and never two out of rotation at once.
-        assert drained_hosts(output) == names, output[-4000:]
-        assert "Restarting vLLM on sandbox-1 (1 host(s) at a time; later batches:" in output
-        assert watch.samples, "the gateway was never sampled"
-        assert watch.most_out() == 1, f"{log_name}: {watch.samples}"
-        assert watch.order_out() == names, f"{log_name}: {watch.samples}"
 
 
 def test_rolling_image_and_flag_update_under_load_fails_no_request(serving):
