@@ -143,6 +143,18 @@ def fleet_inventory(backends: dict) -> dict:
     }
 
 
+def every_backend_ready(live: Gateway, backends: dict):
+    """The live gateway with every fake backend answering and in rotation; the backends
+    answer normally again afterwards (the body of a fixture)."""
+    for name, backend in backends.items():
+        backend.mode = "ok"
+        live.api("ready", name)
+        live.wait_until(lambda n=name: live.server(n)["up"], f"{name} up")
+    yield live
+    for backend in backends.values():
+        backend.mode = "ok"
+
+
 def internal_paths(workdir: Path) -> dict:
     """Where the rendered gateway keeps what the role puts under /etc, /run and /var/lib."""
     return {

@@ -20,7 +20,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from gateway_helpers import HELPER, KEY, LOCAL, ROOT, Gateway, Run, fleet_inventory, run_playbook
+from gateway_helpers import (
+    HELPER,
+    KEY,
+    LOCAL,
+    ROOT,
+    Gateway,
+    Run,
+    every_backend_ready,
+    fleet_inventory,
+    run_playbook,
+)
 
 SERVE = ROOT / "ansible" / "playbooks" / "serve.yml"
 OLD_UNIT = "[Service]\nExecStart=/usr/bin/docker run vllm --max-model-len 8192\n"
@@ -198,13 +208,7 @@ def serve_play_2() -> list[dict]:
 
 @pytest.fixture
 def gateway(live, backends) -> Iterator[Gateway]:
-    for name, backend in backends.items():
-        backend.mode = "ok"
-        live.api("ready", name)
-        live.wait_until(lambda n=name: live.server(n)["up"], f"{name} up")
-    yield live
-    for backend in backends.values():
-        backend.mode = "ok"
+    yield from every_backend_ready(live, backends)
 
 
 def deploy(

@@ -29,6 +29,7 @@ from gateway_helpers import (
     ROOT,
     Gateway,
     Run,
+    every_backend_ready,
     fleet_inventory,
     run_playbook,
 )
@@ -79,13 +80,7 @@ PLAYBOOK = """
 
 @pytest.fixture
 def gateway(live, backends) -> Iterator[Gateway]:
-    for name, backend in backends.items():
-        backend.mode = "ok"
-        live.api("ready", name)
-        live.wait_until(lambda n=name: live.server(n)["up"], f"{name} up")
-    yield live
-    for backend in backends.values():
-        backend.mode = "ok"
+    yield from every_backend_ready(live, backends)
 
 
 def roll(workdir: Path, gateway: Gateway, backends: dict, fail_update=()) -> tuple[Run, Path]:
